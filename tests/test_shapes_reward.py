@@ -1,5 +1,6 @@
 """The shipped Shapes DiNa-LRM: it loads like any Hub model, ranks held-out pairs well above chance, and `dina demo`
-writes its contact sheet and best-of-N figures. Floors are set a little below what was measured, on fresh seeds."""
+writes its contact sheet and picks complying samples of the generator more often than a random pick. Floors are set a
+little below what was measured, on seeds the report does not use."""
 
 import json
 
@@ -20,7 +21,11 @@ from modeling_dina.shapes.reward import (
 )
 from modeling_dina.training import cache_preference_dataset
 
-ACCURACY_FLOOR = 0.75  # measured 0.83-0.84 at u = 0.1-0.4 on 1000 held-out pairs (docs/shapes/report.md)
+ACCURACY_FLOOR = 0.75  # measured 0.817 at u = 0.2 on these 300 pairs (0.774 on the report's 1000)
+# Best-of-4 compliance of the DiNa pick minus a random pick on 128 held-out prompts: measured +0.102 with seed 1
+# (+0.148 with seed 2; +0.144 on the report's 320 prompts, seed 0).
+BEST_OF_N_GAIN_FLOOR = 0.07
+SEED = ["--seed", "1"]
 
 
 def test_shipped_reward_loads_like_a_hub_model():
@@ -47,13 +52,12 @@ def test_shipped_reward_held_out_accuracy(tmp_path):
 
 def test_demo_writes_contact_sheet_and_beats_random(tmp_path, capsys):
     out = tmp_path / "demo"
-    dina_main(["demo", "--output", str(out), "--prompts", "3", "--candidates", "4", "--eval-prompts", "48"])
+    dina_main(["demo", "--output", str(out), "--prompts", "3", "--candidates", "4", "--eval-prompts", "128"] + SEED)
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size[1] > 3 * 128 and sheet.size[0] > 4 * 128
     result = json.loads((out / "demo.json").read_text())
-    # No floor on the gain over a random pick: the shipped reward does not beat it on generator samples (see the
-    # report); the checker's own pick bounds every other.
-    assert result["prompts"] == 48 and result["oracle"] >= max(result["dina"], result["random"])
+    assert result["prompts"] == 128 and result["oracle"] >= max(result["dina"], result["random"])
+    assert result["dina"] - result["random"] >= BEST_OF_N_GAIN_FLOOR
     assert "DiNa-LRM pick" in capsys.readouterr().out
 
 

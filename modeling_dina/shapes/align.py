@@ -1,8 +1,9 @@
-"""Alignment in the Shapes world: ReFL fine-tuning of the shipped generator's LoRA against DiNa-LRM (latent space,
-one shared copy of the base blocks) or against the pixel-space reward of the report (VAE decode first), with the
-checker's prompt compliance on held-out prompts — which neither reward sees — measured before, during and after.
+"""Alignment in the Shapes world: ReFL or GRPO fine-tuning of the shipped generator's LoRA against DiNa-LRM (latent
+space, one shared copy of the base blocks) or against the pixel-space reward of the report (VAE decode first), with
+the checker's prompt compliance on held-out prompts — which neither reward sees — measured before, during and after.
 
     python -m modeling_dina.shapes.align --reward dina --output runs/align-dina
+    python -m modeling_dina.shapes.align --reward dina --method grpo --output runs/align-dina-grpo
     python -m modeling_dina.shapes.align --reward pixel --pixel-model BUILD/rewards/pixel --output runs/align-pixel
 """
 
@@ -41,6 +42,9 @@ def run_shapes_alignment(
     *,
     reward: str = "dina",
     pixel_model: str | Path | None = None,
+    method: str = "refl",
+    group_size: int = 4,
+    train_timesteps: int | None = None,
     steps: int = 150,
     batch_size: int = 8,
     learning_rate: float = 3e-4,
@@ -49,7 +53,8 @@ def run_shapes_alignment(
     eval_samples: int = 128,
     seed: int = 0,
 ) -> list[dict]:
-    """ReFL on the train-split prompts for `steps` steps; logs (`log.jsonl`, `curves.png`) in `output_dir`."""
+    """ReFL or GRPO (`method`) on the train-split prompts for `steps` steps; logs (`log.jsonl`, `curves.png`) in
+    `output_dir`. `group_size` and `train_timesteps` are GRPO's (see `AlignmentConfig`)."""
     torch.set_flush_denormal(True)
     pipe = load_generator()
     if reward == "dina":
@@ -69,7 +74,9 @@ def run_shapes_alignment(
         return {"compliance": rates["overall"], "count": rates["count"], "position": rates["position"]}
 
     config = AlignmentConfig(
-        method="refl",
+        method=method,
+        group_size=group_size,
+        train_timesteps=train_timesteps,
         prompts=split_prompts()["train"],
         steps=steps,
         learning_rate=learning_rate,
@@ -90,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reward", choices=("dina", "pixel"), default="dina")
     parser.add_argument("--pixel-model", help="folder of the pixel reward written by the build's rewards stage")
+    parser.add_argument("--method", choices=("refl", "grpo"), default="refl")
+    parser.add_argument("--group-size", type=int, default=4, help="GRPO: samples per prompt")
+    parser.add_argument("--train-timesteps", type=int, default=None, help="GRPO: transitions trained per trajectory")
     parser.add_argument("--output", required=True)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -103,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
         args.output,
         reward=args.reward,
         pixel_model=args.pixel_model,
+        method=args.method,
+        group_size=args.group_size,
+        train_timesteps=args.train_timesteps,
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,

@@ -62,11 +62,13 @@ def build_generator(
     return metrics
 
 
-def build_rewards_stage(output_dir: str | Path, *, seed: int = 0, reward_steps: int = 400, **_) -> dict:
+def build_rewards_stage(
+    output_dir: str | Path, *, seed: int = 0, reward_steps: int = 1200, generated_candidates: int = 16, **_
+) -> dict:
     """DiNa-LRM, its ablations and the pixel reward on the generator of `output_dir/generator`, and the report."""
     from .report import build_rewards  # imports the trainer and the pipeline, which the generator stage does not need
 
-    return build_rewards(output_dir, seed=seed, reward_steps=reward_steps)
+    return build_rewards(output_dir, seed=seed, reward_steps=reward_steps, generated_candidates=generated_candidates)
 
 
 def build_all(output_dir: str | Path, **options) -> dict:
@@ -99,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--transformer-steps", type=int, default=5000)
     parser.add_argument("--eval-samples", type=int, default=512, help="0 skips the compliance evaluation")
-    parser.add_argument("--reward-steps", type=int, default=400, help="training steps of each reward")
+    parser.add_argument("--reward-steps", type=int, default=1200, help="training steps of each reward")
+    parser.add_argument(
+        "--generated-candidates", type=int, default=16, help="generator samples per train prompt for on-policy pairs"
+    )
     parser.add_argument("--install", action="store_true", help="copy the results into the package's assets")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         transformer_steps=args.transformer_steps,
         eval_samples=args.eval_samples,
         reward_steps=args.reward_steps,
+        generated_candidates=args.generated_candidates,
     )
     print(json.dumps(metrics, indent=2))
     if args.install:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Image, List, Value
 
-from .grammar import ATTRIBUTES, all_prompts, group_by_kind, parse_prompt
+from .grammar import ATTRIBUTES, CheckResult, all_prompts, group_by_kind, parse_prompt
 from .render import DEGRADATIONS, degrade, render
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "SPLITS",
     "build_preference_dataset",
     "build_ranked_dataset",
+    "make_generated_pairs",
     "make_preference_pairs",
     "make_ranked_groups",
     "split_prompts",
@@ -28,7 +29,7 @@ PAIR_FEATURES = Features(
         "chosen": Image(),
         "rejected": Image(),
         "label": Value("float32"),  # 1.0: chosen preferred, 0.5: tie
-        "kind": Value("string"),  # "violation", "degraded" or "tie"
+        "kind": Value("string"),  # "violation", "degraded", "tie" or "generated"
         "violations": List(Value("string")),  # attributes the rejected image violates, in ATTRIBUTES order
         "degradation": Value("string"),  # one of render.DEGRADATIONS for "degraded" pairs, else ""
     }
@@ -116,6 +117,47 @@ def make_preference_pairs(
             kind, label, rejected = "violation", 1.0, render(prompt, rng, violations)
         for name, value in zip(PAIR_FEATURES, (prompt, chosen, rejected, label, kind, violations, degradation)):
             rows[name].append(value)
+    return Dataset.from_dict(rows, features=PAIR_FEATURES)
+
+
+def make_generated_pairs(
+    prompts: Sequence[str],
+    images: Sequence,
+    verdicts: Sequence[CheckResult],
+    *,
+    num_pairs: int | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """On-policy pairs from a generator's own samples, labelled by the checker: among the samples of one prompt, a
+    sample with fewer violated attributes is preferred to one with more (kind "generated"; `violations` lists the
+    rejected sample's). `prompts`, `images` and `verdicts` are aligned, one entry per sample; `num_pairs` draws at most
+    that many of all such pairs at random (default: all of them)."""
+    if not len(prompts) == len(images) == len(verdicts):
+        raise ValueError(
+            f"need one image and one verdict per prompt, got {len(prompts)} prompts, {len(images)} images and "
+            f"{len(verdicts)} verdicts"
+        )
+    by_prompt: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(prompt, []).append(i)
+    candidates = [
+        (i, j)
+        for members in by_prompt.values()
+        for i in members
+        for j in members
+        if len(verdicts[i].violations) < len(verdicts[j].violations)
+    ]
+    if num_pairs is not None and num_pairs < len(candidates):
+        candidates = [candidates[k] for k in sorted(_rng(seed, 2).choice(len(candidates), num_pairs, replace=False))]
+    rows = {
+        "prompt": [prompts[i] for i, _ in candidates],
+        "chosen": [images[i] for i, _ in candidates],
+        "rejected": [images[j] for _, j in candidates],
+        "label": [1.0] * len(candidates),
+        "kind": ["generated"] * len(candidates),
+        "violations": [verdicts[j].violations for _, j in candidates],
+        "degradation": [""] * len(candidates),
+    }
     return Dataset.from_dict(rows, features=PAIR_FEATURES)
 
 

@@ -26,7 +26,7 @@ def contact_sheet(prompts: Sequence[str], images: Sequence[Image.Image], rewards
     """One row per prompt, its candidates left to right by decreasing reward; each tile shows the reward and the
     checker's verdict (green: complies, red: violates, with the violated attributes)."""
     font = ImageFont.load_default()
-    label_w, caption_h = 260, 30
+    label_w, caption_h = 260, 44
     sheet = Image.new("RGB", (label_w + n * TILE, len(prompts) * (TILE + caption_h)), "white")
     draw = ImageDraw.Draw(sheet)
     for row, prompt in enumerate(prompts):
@@ -39,8 +39,11 @@ def contact_sheet(prompts: Sequence[str], images: Sequence[Image.Image], rewards
             verdict = verdicts[i]
             colour = (20, 140, 40) if verdict.overall else (200, 30, 30)
             draw.rectangle([x, y, x + TILE - 1, y + TILE - 1], outline=colour, width=3 if col == 0 else 1)
-            text = "ok" if verdict.overall else "x " + ",".join(verdict.violations)
-            draw.text((x + 4, y + TILE + 2), f"r={rewards[i]:.2f} {text}", fill=colour, font=font)
+            # The violated attributes two per line (up to four): the caption stays inside its tile.
+            violated = verdict.violations
+            lines = [" ".join(violated[j : j + 2]) for j in range(0, len(violated), 2)]
+            caption = "\n".join([f"r={rewards[i]:.2f} " + ("ok" if verdict.overall else "violates:"), *lines])
+            draw.text((x + 4, y + TILE + 2), caption, fill=colour, font=font, spacing=1)
     return sheet
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import concatenate_datasets
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
@@ -20,7 +21,7 @@ from ..pipeline_dina import DiNaRewardPipeline
 from ..training import cache_preference_dataset
 from ..training.caching import encode_prompts
 from .checker import check_many
-from .data import build_preference_dataset, split_prompts
+from .data import build_preference_dataset, make_generated_pairs, split_prompts
 from .generator import MAX_SEQUENCE_LENGTH, load_generator
 from .grammar import group_by_kind
 from .render import IMAGE_SIZE
@@ -36,7 +37,15 @@ from .reward import (
     train_pixel_reward,
 )
 
-__all__ = ["best_of_n", "build_rewards", "generate_candidates", "held_out_prompts", "scoring_cost", "write_report"]
+__all__ = [
+    "best_of_n",
+    "build_rewards",
+    "generate_candidates",
+    "generated_pairs",
+    "held_out_prompts",
+    "scoring_cost",
+    "write_report",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +91,14 @@ def decode(pipe, latents: torch.Tensor, batch: int = 128) -> list:
         for start in range(0, len(latents), batch)
         for image in decode_latents(pipe, latents[start : start + batch])
     ]
+
+
+def generated_pairs(pipe, prompts: Sequence[str], candidates: int, *, num_pairs: int | None = None, seed: int = 0):
+    """On-policy preference pairs: `candidates` samples of the generator per prompt, decoded and judged by the checker,
+    paired within each prompt by fewer violated attributes (see `data.make_generated_pairs`)."""
+    repeated, latents = generate_candidates(pipe, prompts, candidates, seed=seed)
+    images = decode(pipe, latents)
+    return make_generated_pairs(repeated, images, check_many(repeated, images), num_pairs=num_pairs, seed=seed)
 
 
 def held_out_prompts(count: int) -> list[str]:
@@ -151,24 +168,25 @@ def scoring_cost(score: LatentScorer, prompts: list[str], latents: torch.Tensor,
     }
 
 
-def _plot_accuracy(accuracy: dict, levels: Sequence[float], path: Path) -> None:
+def _plot_accuracy(accuracy: dict[str, dict], levels: Sequence[float], path: Path) -> None:
+    """One panel per held-out pair set: accuracy of each DiNa variant against the scoring noise level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, row in accuracy.items():
-        values = [row.get(f"u={u}") for u in levels]
-        if all(v is not None for v in values):
-            (line,) = ax.plot(levels, [100 * v for v in values], marker="o", label=name)
-            if "ensemble" in row:
+    fig, axes = plt.subplots(1, len(accuracy), figsize=(6 * len(accuracy), 4), sharey=True, squeeze=False)
+    for ax, (pair_set, rows) in zip(axes[0], accuracy.items()):
+        for name, row in rows.items():
+            values = [row.get(f"u={u}") for u in levels]
+            if all(v is not None for v in values):
+                (line,) = ax.plot(levels, [100 * v for v in values], marker="o", label=name)
                 ax.axhline(100 * row["ensemble"], color=line.get_color(), linestyle="--", linewidth=0.8)
-    ax.set_xlabel("noise level u at scoring")
-    ax.set_ylabel("held-out pairwise accuracy (%)")
-    ax.set_title("Shapes world: accuracy vs noise level (dashed: ensemble)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        ax.set_xlabel("noise level u at scoring")
+        ax.set_title(f"{pair_set} test pairs (dashed: ensemble)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out pairwise accuracy (%)")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -200,7 +218,11 @@ def write_report(output_dir: str | Path, results: dict) -> Path:
     _plot_best_of_n(results["best_of_n"], out / "best_of_n.png")
     (out / "report.json").write_text(json.dumps(results, indent=2))
 
-    lines = ["# Shapes world report", "", f"Built by `{results['command']}` in {results['build_minutes']:.1f} min.", ""]
+    minutes = f"{results['build_minutes']:.1f} min"
+    if "generator_minutes" in results:
+        total = results["generator_minutes"] + results["build_minutes"]
+        minutes = f"{total:.1f} min (generator stage {results['generator_minutes']:.1f}, rewards stage {minutes})"
+    lines = ["# Shapes world report", "", f"Built by `{results['command']}` in {minutes}.", ""]
     gen = results.get("generator")
     if gen:
         lines += [
@@ -214,20 +236,28 @@ def write_report(output_dir: str | Path, results: dict) -> Path:
             lines.append(f"| {pick} | {cells} |")
         lines.append("")
     columns = [*(f"u={u}" for u in levels), "ensemble", "pixels"]
+    train = results["train_pairs"]
     lines += [
         "## Held-out pairwise accuracy (%)",
         "",
-        f"{results['test_pairs']} test pairs over prompts never seen in training ({results['train_pairs']} training "
-        f"pairs, {results['reward_steps']} steps each). DiNa variants are scored on the VAE latents at noise level u; "
-        f"ensemble = u {list(results['ensemble_levels'])}, tokens concatenated (SPEC §3); the pixel reward reads the "
-        "images.",
-        "",
-        f"| reward | {' | '.join(columns)} |",
-        "|---|" + "---:|" * len(columns),
+        f"Every reward is trained for {results['reward_steps']} steps on the same {sum(train.values())} pairs: "
+        f"{train['rendered']} rendered pairs (a satisfying render against a violating or degraded one) and "
+        f"{train['generated']} on-policy pairs ({results['generated_candidates']} generator samples per train-split "
+        "prompt, the one with fewer attributes violated by the checker preferred). Test pairs are over prompts never "
+        "seen in training. DiNa variants are scored on the VAE latents at noise level u; ensemble = u "
+        f"{list(results['ensemble_levels'])}, tokens concatenated (SPEC §3); the pixel reward reads the images.",
     ]
-    for name, row in results["accuracy"].items():
-        cells = " | ".join(f"{100 * row[c]:.1f}" if c in row else "–" for c in columns)
-        lines.append(f"| {name} | {cells} |")
+    for pair_set, rows in results["accuracy"].items():
+        lines += [
+            "",
+            f"### {pair_set} test pairs ({results['test_pairs'][pair_set]})",
+            "",
+            f"| reward | {' | '.join(columns)} |",
+            "|---|" + "---:|" * len(columns),
+        ]
+        for name, row in rows.items():
+            cells = " | ".join(f"{100 * row[c]:.1f}" if c in row else "–" for c in columns)
+            lines.append(f"| {name} | {cells} |")
     best = results["best_of_n"]
     lines += [
         "",
@@ -267,47 +297,68 @@ def build_rewards(
     generator_dir: str | Path | None = None,
     train_pairs: int = 4000,
     test_pairs: int = 1000,
-    reward_steps: int = 400,
+    generated_candidates: int = 16,
+    reward_steps: int = 1200,
     eval_prompts: int = 320,
     best_of: int = 4,
 ) -> dict:
     """The build's `rewards` stage: train DiNa-LRM and the report's variants on the generator's first blocks (and the
     pixel-space reward) on the same pairs; measure held-out accuracy per noise level and with the ensemble, best-of-N
     compliance of the generator under each reward and each reward's scoring cost; write `output_dir/report`. The
-    method's model is saved to `output_dir/rewards/dina`."""
+    method's model is saved to `output_dir/rewards/dina`.
+
+    The training pairs are `train_pairs` rendered pairs plus every on-policy pair of `generated_candidates` generator
+    samples per train-split prompt: a reward that has seen only clean renders does not rank the generator's own
+    failures. Held-out accuracy is measured on `test_pairs` rendered pairs and as many on-policy pairs of test-split
+    prompts (seeds unused by the best-of-N evaluation)."""
     torch.set_flush_denormal(True)
     output_dir = Path(output_dir)
     generator_dir = Path(generator_dir) if generator_dir is not None else output_dir / "generator"
     start = time.perf_counter()
     generator = load_generator(path=generator_dir)
-    data = build_preference_dataset({"train": train_pairs, "test": test_pairs}, seed=seed)
-    caches = {
-        split: cache_preference_dataset(
-            data[split],
+    prompts_by_split = split_prompts()
+    rendered = build_preference_dataset({"train": train_pairs, "test": test_pairs}, seed=seed)
+    generated = {
+        "train": generated_pairs(generator, prompts_by_split["train"], generated_candidates, seed=seed + 10_000),
+        "test": generated_pairs(
+            generator, prompts_by_split["test"], generated_candidates, num_pairs=test_pairs, seed=seed + 20_000
+        ),
+    }
+    train = concatenate_datasets([rendered["train"], generated["train"]]).shuffle(seed=seed)
+    test_sets = {"rendered": rendered["test"], "generated": generated["test"]}
+
+    def cache(name: str, pairs):
+        return cache_preference_dataset(
+            pairs,
             generator,
-            output_dir / "cache" / split,
+            output_dir / "cache" / name,
             batch_size=128,
             max_sequence_length=MAX_SEQUENCE_LENGTH,
             buckets=[(IMAGE_SIZE, IMAGE_SIZE)],
         )
-        for split in data
-    }
 
-    accuracy, models = {}, {}
-    for name in VARIANTS:
-        models[name] = train_dina_reward(
-            generator_dir, caches["train"], output_dir / "rewards" / name, variant=name, steps=reward_steps, seed=seed
+    train_cache = cache("train", train)
+    test_caches = {name: cache(f"test_{name}", pairs) for name, pairs in test_sets.items()}
+
+    accuracy: dict[str, dict] = {name: {} for name in test_sets}
+    models = {}
+    for variant in VARIANTS:
+        models[variant] = train_dina_reward(
+            generator_dir, train_cache, output_dir / "rewards" / variant, variant=variant, steps=reward_steps, seed=seed
         )
-        row = {f"u={u}": dina_accuracy(models[name], caches["test"], [u], seed=seed) for u in EVAL_LEVELS}
-        accuracy[name] = {**row, "ensemble": dina_accuracy(models[name], caches["test"], ENSEMBLE_LEVELS, seed=seed)}
-        logger.info("%s accuracy: %s", name, accuracy[name])
+        for name, test_cache in test_caches.items():
+            row = {f"u={u}": dina_accuracy(models[variant], test_cache, [u], seed=seed) for u in EVAL_LEVELS}
+            row["ensemble"] = dina_accuracy(models[variant], test_cache, ENSEMBLE_LEVELS, seed=seed)
+            accuracy[name][variant] = row
+            logger.info("%s accuracy on %s pairs: %s", variant, name, row)
 
-    prompts = sorted({*data["train"]["prompt"], *data["test"]["prompt"], *held_out_prompts(eval_prompts)})
+    prompts = sorted({*train["prompt"], *held_out_prompts(eval_prompts), *prompts_by_split["test"]})
     _, pooled = encode_prompts(generator, prompts, max_sequence_length=MAX_SEQUENCE_LENGTH, batch_size=256)
     pooled_by_prompt = dict(zip(prompts, pooled))
-    pixel = train_pixel_reward(data["train"], pooled_by_prompt, steps=reward_steps, seed=seed)
+    pixel = train_pixel_reward(train, pooled_by_prompt, steps=reward_steps, seed=seed)
     save_pixel_reward(pixel, output_dir / "rewards" / "pixel")
-    accuracy["pixel"] = {"pixels": pixel_accuracy(pixel, data["test"], pooled_by_prompt)}
+    for name, pairs in test_sets.items():
+        accuracy[name]["pixel"] = {"pixels": pixel_accuracy(pixel, pairs, pooled_by_prompt)}
 
     # Best-of-N on held-out prompts: generate latents once, let every reward pick.
     eval_set = held_out_prompts(eval_prompts)
@@ -337,8 +388,9 @@ def build_rewards(
         "build_minutes": (time.perf_counter() - start) / 60,
         "eval_levels": list(EVAL_LEVELS),
         "ensemble_levels": list(ENSEMBLE_LEVELS),
-        "test_pairs": test_pairs,
-        "train_pairs": train_pairs,
+        "test_pairs": {name: len(pairs) for name, pairs in test_sets.items()},
+        "train_pairs": {"rendered": len(rendered["train"]), "generated": len(generated["train"])},
+        "generated_candidates": generated_candidates,
         "reward_steps": reward_steps,
         "accuracy": accuracy,
         "best_of_n": best,
@@ -346,6 +398,8 @@ def build_rewards(
     }
     metrics_path = generator_dir.parent / "generator_metrics.json"
     if metrics_path.is_file():
-        results["generator"] = json.loads(metrics_path.read_text()).get("compliance_test_prompts")
+        generator_metrics = json.loads(metrics_path.read_text())
+        results["generator"] = generator_metrics.get("compliance_test_prompts")
+        results["generator_minutes"] = generator_metrics["wall_seconds"] / 60
     write_report(output_dir / "report", results)
     return results
