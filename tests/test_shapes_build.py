@@ -49,23 +49,26 @@ def test_generator_stage_writes_a_loadable_pipeline(tmp_path):
     assert load_generator(path=tmp_path / "generator").transformer.config.num_layers == 4
 
 
-def test_rewards_stage_writes_models_and_report(tmp_path):
+@pytest.mark.parametrize("candidates", [2, 0], ids=["on-policy", "rendered-only"])
+def test_rewards_stage_writes_models_and_report(tmp_path, candidates):
     results = build_rewards(
         tmp_path,
         generator_dir=GENERATOR_DIR,
         train_pairs=16,
         test_pairs=8,
-        generated_candidates=2,
+        generated_candidates=candidates,
         reward_steps=2,
         eval_prompts=4,
         best_of=2,
     )
-    assert results["train_pairs"]["rendered"] == 16 and results["train_pairs"]["generated"] > 0
-    assert results["test_pairs"] == {"rendered": 8, "generated": 8}
-    assert set(results["accuracy"]["generated"]) == {*VARIANTS, "pixel"}
+    pair_sets = ["rendered", "generated"] if candidates else ["rendered"]
+    assert results["train_pairs"]["rendered"] == 16 and (results["train_pairs"]["generated"] > 0) == bool(candidates)
+    assert results["test_pairs"] == dict.fromkeys(pair_sets, 8)
+    assert list(results["accuracy"]) == pair_sets
+    assert all(set(results["accuracy"][name]) == {*VARIANTS, "pixel"} for name in pair_sets)
     assert {"random", "oracle", "dina", "dina_ensemble", "pixel"} <= set(results["best_of_n"])
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "### generated test pairs (8)" in report and "| dina |" in report
+    assert all(f"### {name} test pairs (8)" in report for name in pair_sets) and "| dina |" in report
     for plot in ("accuracy_vs_noise.png", "best_of_n.png"):
         assert Image.open(tmp_path / "report" / plot).size[0] > 100
     reward = DiNaRewardPipeline.from_pretrained(tmp_path / "rewards" / "dina")

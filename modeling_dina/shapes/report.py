@@ -309,8 +309,9 @@ def build_rewards(
 
     The training pairs are `train_pairs` rendered pairs plus every on-policy pair of `generated_candidates` generator
     samples per train-split prompt: a reward that has seen only clean renders does not rank the generator's own
-    failures. Held-out accuracy is measured on `test_pairs` rendered pairs and as many on-policy pairs of test-split
-    prompts (seeds unused by the best-of-N evaluation)."""
+    failures (`generated_candidates=0` trains on the rendered pairs alone, to show it). Held-out accuracy is measured
+    on `test_pairs` rendered pairs and as many on-policy pairs of test-split prompts (seeds unused by the best-of-N
+    evaluation)."""
     torch.set_flush_denormal(True)
     output_dir = Path(output_dir)
     generator_dir = Path(generator_dir) if generator_dir is not None else output_dir / "generator"
@@ -318,14 +319,16 @@ def build_rewards(
     generator = load_generator(path=generator_dir)
     prompts_by_split = split_prompts()
     rendered = build_preference_dataset({"train": train_pairs, "test": test_pairs}, seed=seed)
-    generated = {
-        "train": generated_pairs(generator, prompts_by_split["train"], generated_candidates, seed=seed + 10_000),
-        "test": generated_pairs(
+    train, on_policy = rendered["train"], 0
+    test_sets = {"rendered": rendered["test"]}
+    if generated_candidates:
+        on_policy_train = generated_pairs(
+            generator, prompts_by_split["train"], generated_candidates, seed=seed + 10_000
+        )
+        test_sets["generated"] = generated_pairs(
             generator, prompts_by_split["test"], generated_candidates, num_pairs=test_pairs, seed=seed + 20_000
-        ),
-    }
-    train = concatenate_datasets([rendered["train"], generated["train"]]).shuffle(seed=seed)
-    test_sets = {"rendered": rendered["test"], "generated": generated["test"]}
+        )
+        train, on_policy = concatenate_datasets([train, on_policy_train]).shuffle(seed=seed), len(on_policy_train)
 
     def cache(name: str, pairs):
         return cache_preference_dataset(
@@ -389,7 +392,7 @@ def build_rewards(
         "eval_levels": list(EVAL_LEVELS),
         "ensemble_levels": list(ENSEMBLE_LEVELS),
         "test_pairs": {name: len(pairs) for name, pairs in test_sets.items()},
-        "train_pairs": {"rendered": len(rendered["train"]), "generated": len(generated["train"])},
+        "train_pairs": {"rendered": len(rendered["train"]), "generated": on_policy},
         "generated_candidates": generated_candidates,
         "reward_steps": reward_steps,
         "accuracy": accuracy,
