@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..tiny_sd3 import build_tiny_sd3_components
 from .checker import check_many
-from .grammar import ATTRIBUTES, all_prompts, group_by_kind, parse_prompt, vocabulary
+from .grammar import ATTRIBUTES, all_prompts, alternate_kinds, parse_prompt, vocabulary
 from .render import render_scene, sample_scene
 
 __all__ = [
@@ -253,21 +254,26 @@ def sample_images(
     num_inference_steps: int = 20,
     guidance_scale: float = 3.0,
     batch_size: int = 32,
-) -> list[Image.Image]:
-    """Generate one image per prompt; image `i` uses its own generator seeded `seed + i`, so results do not
-    depend on `batch_size`."""
-    images: list[Image.Image] = []
-    for b in range(0, len(prompts), batch_size):
+    output_type: str = "pil",
+    progress: bool = False,
+) -> list[Image.Image] | torch.Tensor:
+    """Generate one sample per prompt; sample `i` uses its own generator seeded `seed + i`, so results do not
+    depend on `batch_size`. PIL images, or with `output_type="latent"` the clean latents as one tensor."""
+    outputs = []
+    for b in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
         chunk = list(prompts[b : b + batch_size])
         generators = [torch.Generator(pipe.device).manual_seed(seed + b + i) for i in range(len(chunk))]
-        images += pipe(
-            prompt=chunk,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-            generator=generators,
-        ).images
-    return images
+        outputs.append(
+            pipe(
+                prompt=chunk,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                generator=generators,
+                output_type=output_type,
+            ).images
+        )
+    return torch.cat(outputs) if output_type == "latent" else [image for batch in outputs for image in batch]
 
 
 def _rates(results: list, specs: list) -> dict[str, float]:
@@ -292,13 +298,7 @@ def evaluate_generator(
     """Checker compliance (overall, per attribute, per prompt kind) of `num_samples` generations over `prompts`
     (count and relation prompts alternate), for one random sample per prompt and for the best of `best_of` by
     checker score. `position` is over relation prompts only."""
-    by_kind = group_by_kind(prompts)
-    if not by_kind:
-        raise ValueError("prompts must not be empty")
-    chosen = []
-    for i in range(num_samples):
-        kind = by_kind[i % len(by_kind)]
-        chosen.append(kind[(i // len(by_kind)) % len(kind)])
+    chosen = alternate_kinds(prompts, num_samples)
     specs = [parse_prompt(p) for p in chosen]
     repeated = [p for p in chosen for _ in range(best_of)]
     results = check_many(repeated, sample_images(pipe, repeated, seed=seed, **sample_kwargs))

@@ -18,6 +18,7 @@ __all__ = [
     "PromptSpec",
     "all_prompts",
     "evaluate_objects",
+    "alternate_kinds",
     "group_by_kind",
     "parse_prompt",
     "vocabulary",
@@ -103,6 +104,15 @@ def group_by_kind(prompts: Sequence[str]) -> list[list[str]]:
     """The prompts split into count and relation prompts (empty groups left out), in their order."""
     groups = [[p for p in prompts if parse_prompt(p).kind == kind] for kind in ("count", "relation")]
     return [g for g in groups if g]
+
+
+def alternate_kinds(prompts: Sequence[str], count: int) -> list[str]:
+    """`count` prompts taken from the count and relation prompts in turn, each kind cycled in its order (so both kinds
+    weigh equally, although there are far more relation prompts)."""
+    by_kind = group_by_kind(prompts)
+    if not by_kind:
+        raise ValueError("prompts must not be empty")
+    return [by_kind[i % len(by_kind)][(i // len(by_kind)) % len(by_kind[i % len(by_kind)])] for i in range(count)]
 
 
 def vocabulary() -> list[str]:

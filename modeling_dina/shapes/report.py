@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from datasets import concatenate_datasets
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm.auto import tqdm
 
 from ..alignment.reward_fns import decode_latents
 from ..pipeline_dina import DiNaRewardPipeline
@@ -22,8 +21,8 @@ from ..training import cache_preference_dataset
 from ..training.caching import encode_prompts
 from .checker import check_many
 from .data import build_preference_dataset, make_generated_pairs, split_prompts
-from .generator import MAX_SEQUENCE_LENGTH, load_generator
-from .grammar import group_by_kind
+from .generator import MAX_SEQUENCE_LENGTH, load_generator, sample_images
+from .grammar import alternate_kinds
 from .render import IMAGE_SIZE
 from .reward import (
     ENSEMBLE_LEVELS,
@@ -52,7 +51,6 @@ logger = logging.getLogger(__name__)
 LatentScorer = Callable[[list[str], torch.Tensor], torch.Tensor]
 
 
-@torch.no_grad()
 def generate_candidates(
     pipe,
     prompts: Sequence[str],
@@ -66,21 +64,17 @@ def generate_candidates(
     """`n` candidates per prompt as clean latents (what the generator hands a latent reward: no decode), prompt-major;
     candidate `j` of prompt `i` is seeded `seed + i * n + j`."""
     repeated = [p for p in prompts for _ in range(n)]
-    latents = []
-    for start in tqdm(range(0, len(repeated), batch), desc="generating candidates"):
-        chunk = repeated[start : start + batch]
-        generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(chunk))]
-        latents.append(
-            pipe(
-                prompt=chunk,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                max_sequence_length=MAX_SEQUENCE_LENGTH,
-                generator=generators,
-                output_type="latent",
-            ).images
-        )
-    return repeated, torch.cat(latents)
+    latents = sample_images(
+        pipe,
+        repeated,
+        seed=seed,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch,
+        output_type="latent",
+        progress=True,
+    )
+    return repeated, latents
 
 
 @torch.no_grad()
@@ -103,8 +97,7 @@ def generated_pairs(pipe, prompts: Sequence[str], candidates: int, *, num_pairs:
 
 def held_out_prompts(count: int) -> list[str]:
     """`count` test-split prompts (never seen by the generator or the rewards), alternating count/relation kinds."""
-    by_kind = group_by_kind(split_prompts()["test"])
-    return [by_kind[i % len(by_kind)][(i // len(by_kind)) % len(by_kind[i % len(by_kind)])] for i in range(count)]
+    return alternate_kinds(split_prompts()["test"], count)
 
 
 def dina_scorer(reward_pipe: DiNaRewardPipeline, batch: int = 256, **levels) -> LatentScorer:
@@ -355,7 +348,7 @@ def build_rewards(
             accuracy[name][variant] = row
             logger.info("%s accuracy on %s pairs: %s", variant, name, row)
 
-    prompts = sorted({*train["prompt"], *held_out_prompts(eval_prompts), *prompts_by_split["test"]})
+    prompts = sorted({*train["prompt"], *prompts_by_split["test"]})  # the held-out prompts are test-split prompts
     _, pooled = encode_prompts(generator, prompts, max_sequence_length=MAX_SEQUENCE_LENGTH, batch_size=256)
     pooled_by_prompt = dict(zip(prompts, pooled))
     pixel = train_pixel_reward(train, pooled_by_prompt, steps=reward_steps, seed=seed)
