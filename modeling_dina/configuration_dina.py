@@ -9,7 +9,7 @@ from transformers import PreTrainedConfig
 
 LOSS_TYPES = ("thurstone", "thurstone_constant", "bt", "bt_margin")
 LOSS_FORMS = ("fidelity", "nll")
-NOISE_SAMPLING_SCHEMES = ("uniform", "logit_normal", "mode", "beta", "constant")
+NOISE_SAMPLING_SCHEMES = ("uniform", "logit_normal", "mode", "beta", "power", "constant")
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 # The released backbone: SD3.5-Medium's transformer (its diffusers config; 24 blocks, 0..12 with dual attention).
@@ -70,10 +70,11 @@ class DiNaConfig(PreTrainedConfig):
         noise_level_latents (`float`): default noise level for latents coming from a generator.
         noise_level_images (`float`): default noise level for clean (decoded or real) images.
         ensemble_noise_levels (`list[float]`): noise levels of the test-time ensemble.
-        noise_sampling (`str`): training noise-level scheme: uniform, logit_normal, mode, beta or constant.
+        noise_sampling (`str`): training noise-level scheme: uniform, logit_normal, mode, beta, power or constant.
         logit_mean (`float`), logit_std (`float`): parameters of `logit_normal`.
         mode_scale (`float`): parameter of `mode`.
         beta_alpha (`float`), beta_beta (`float`): parameters of `beta`.
+        power_exponent (`float`): parameter of `power` (`u = r ** power_exponent`, `r` uniform).
         constant_noise_level (`float`): the level of `constant` (0 = clean-only training).
         max_sequence_length (`int`): T5 tokens of the prompt encoding (release: 128).
         score_offset (`float`), score_scale (`float`): reported score `(raw + offset) / scale`.
@@ -123,6 +124,7 @@ class DiNaConfig(PreTrainedConfig):
     mode_scale: float | int = 1.29
     beta_alpha: float | int = 1.0
     beta_beta: float | int = 1.0
+    power_exponent: float | int = 1.0
     constant_noise_level: float | int = 0.4
 
     max_sequence_length: int = 128

@@ -60,11 +60,15 @@ def sample_noise_levels(
     mode_scale: float = 1.29,
     beta_alpha: float = 1.0,
     beta_beta: float = 1.0,
+    power_exponent: float = 1.0,
     constant_noise_level: float = 0.4,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Draw `n` training noise levels in [0, 1] by one of the schemes of SPEC §1 (to be snapped to the grid)."""
+    """Draw `n` training noise levels in [0, 1] by one of the schemes of SPEC §1 (to be snapped to the grid).
+
+    `power` is the authors' `r ** power_exponent` with `r` uniform: an exponent above 1 favours low noise levels.
+    """
     if scheme == "uniform":
         u = torch.rand(n, generator=generator, device=device)
     elif scheme == "logit_normal":
@@ -76,6 +80,10 @@ def sample_noise_levels(
         # Inverse-CDF sampling keeps the draw on `generator` (torch's Beta sampler takes none).
         r = torch.rand(n, generator=generator, dtype=torch.float64)
         u = torch.from_numpy(betaincinv(float(beta_alpha), float(beta_beta), r.numpy())).float().to(device)
+    elif scheme == "power":
+        if not power_exponent > 0:
+            raise ValueError(f"`power_exponent` must be > 0, got {power_exponent}.")
+        u = torch.rand(n, generator=generator, device=device) ** power_exponent
     elif scheme == "constant":
         u = torch.full((n,), float(constant_noise_level), device=device)
     else:

@@ -39,7 +39,7 @@ def test_add_noise_formula():
         add_noise(x0, eps[:1], 0.5)
 
 
-@pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "mode", "beta", "constant"])
+@pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "mode", "beta", "power", "constant"])
 def test_sampling_schemes_are_seeded_and_in_range(scheme):
     a = sample_noise_levels(512, scheme, generator=torch.Generator().manual_seed(0), beta_alpha=2.0, beta_beta=5.0)
     b = sample_noise_levels(512, scheme, generator=torch.Generator().manual_seed(0), beta_alpha=2.0, beta_beta=5.0)
@@ -55,3 +55,19 @@ def test_sampling_scheme_shapes():
     assert torch.all(sample_noise_levels(3, "constant", constant_noise_level=0.0) == 0)
     with pytest.raises(ValueError, match="unknown"):
         sample_noise_levels(3, "cosine")
+
+
+def test_power_scheme_by_hand():
+    # The authors' `power` scheme: u = r ** p with r ~ U(0, 1), drawn on the generator.
+    r = torch.rand(4, generator=torch.Generator().manual_seed(3))
+    u = sample_noise_levels(4, "power", power_exponent=2.0, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(u, torch.tensor([r[i].item() ** 2 for i in range(4)]))
+    # E[r^p] = 1 / (p + 1): exponent 3 puts three quarters of the mass below u = 0.42 (0.42^(1/3) = 0.749).
+    g = torch.Generator().manual_seed(0)
+    levels = sample_noise_levels(20000, "power", power_exponent=3.0, generator=g)
+    assert levels.mean().item() == pytest.approx(0.25, abs=0.01)
+    assert (levels < 0.42).float().mean().item() == pytest.approx(0.42 ** (1 / 3), abs=0.01)
+    uniform = sample_noise_levels(4, "uniform", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sample_noise_levels(4, "power", generator=torch.Generator().manual_seed(3)), uniform)
+    with pytest.raises(ValueError, match="power_exponent"):
+        sample_noise_levels(3, "power", power_exponent=0.0)

@@ -187,7 +187,8 @@ def test_pair_shares_noise_level_and_noise_in_one_forward(tiny_sd3_dir, train_se
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"loss_type": t} for t in LOSS_TYPES] + [{"loss_form": "nll"}, {"noise_sampling": "logit_normal"}],
+    [{"loss_type": t} for t in LOSS_TYPES]
+    + [{"loss_form": "nll"}, {"noise_sampling": "logit_normal"}, {"noise_sampling": "power", "power_exponent": 3.0}],
     ids=lambda o: "-".join(map(str, o.values())),
 )
 def test_each_loss_kind_trains(tiny_sd3_dir, train_set, tmp_path, overrides):

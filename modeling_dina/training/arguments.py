@@ -21,6 +21,7 @@ MODEL_CONFIG_FIELDS = (
     "mode_scale",
     "beta_alpha",
     "beta_beta",
+    "power_exponent",
     "constant_noise_level",
 )
 """Arguments that mirror `DiNaConfig` fields: None keeps the model config's value, anything else replaces it."""
@@ -47,6 +48,7 @@ class DiNaTrainingArguments(TrainingArguments):
     mode_scale: float | None = field(default=None, metadata={"help": "Scale of `mode` sampling."})
     beta_alpha: float | None = field(default=None, metadata={"help": "Alpha of `beta` sampling."})
     beta_beta: float | None = field(default=None, metadata={"help": "Beta of `beta` sampling."})
+    power_exponent: float | None = field(default=None, metadata={"help": "Exponent of `power` sampling."})
     constant_noise_level: float | None = field(default=None, metadata={"help": "Level of `constant` sampling."})
     eval_noise_levels: list[float] | None = field(
         default=None, metadata={"help": "Noise levels scored at evaluation, each alone and as an ensemble."}

@@ -39,7 +39,15 @@ from .batching import BucketSampler, PreferenceCollator
 from .ema import EMACallback
 from .hub import make_model_card
 
-_SAMPLING_PARAMETERS = ("logit_mean", "logit_std", "mode_scale", "beta_alpha", "beta_beta", "constant_noise_level")
+_SAMPLING_PARAMETERS = (
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "beta_alpha",
+    "beta_beta",
+    "power_exponent",
+    "constant_noise_level",
+)
 
 
 class DiNaTrainer(Trainer):
