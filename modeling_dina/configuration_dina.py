@@ -1,8 +1,7 @@
 """Configuration of DiNa-LRM: every knob of the method, with the released SD3.5-M 12-layer values as defaults."""
 
-from __future__ import annotations
-
-from dataclasses import field
+import math
+from dataclasses import field, fields
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -10,6 +9,17 @@ from transformers import PreTrainedConfig
 LOSS_TYPES = ("thurstone", "thurstone_constant", "bt", "bt_margin")
 LOSS_FORMS = ("fidelity", "nll")
 NOISE_SAMPLING_SCHEMES = ("uniform", "logit_normal", "mode", "beta", "power", "constant")
+# Far beyond any real model, yet small enough that building one cannot exhaust memory: a config is data, so a hostile
+# one is refused before anything is allocated.
+SIZE_LIMITS = {
+    "num_backbone_layers": 1024,
+    "lora_rank": 4096,
+    "head_width": 65536,
+    "head_feature_width": 65536,
+    "head_num_queries": 4096,
+    "head_num_attention_heads": 1024,
+    "max_sequence_length": 65536,
+}
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 # The released backbone: SD3.5-Medium's transformer (its diffusers config; 24 blocks, 0..12 with dual attention).
@@ -208,5 +218,22 @@ class DiNaConfig(PreTrainedConfig):
         if self.score_scale == 0:
             raise ValueError("`score_scale` must not be 0.")
 
+    def validate_values(self):
+        """Part of `@strict` validation (types are checked per field): finite numbers, sizes within `SIZE_LIMITS`."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"`{f.name}` must be a finite number, got {value}.")
+        sizes = {name: (getattr(self, name), limit) for name, limit in SIZE_LIMITS.items()}
+        if self.backbone_config:
+            depth = self.backbone_config.get("num_layers", 0)
+            sizes["backbone_config.num_layers"] = (depth, SIZE_LIMITS["num_backbone_layers"])
+            sizes["the backbone's token width"] = (self.token_dim, SIZE_LIMITS["head_width"])
+        for name, (value, limit) in sizes.items():
+            if not isinstance(value, int) or value > limit:
+                raise ValueError(f"`{name}` is {value!r}: must be an integer of at most {limit}.")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"`lora_alpha` must be > 0, got {self.lora_alpha}.")
 
-__all__ = ["DiNaConfig"]
+
+__all__ = ["DiNaConfig", "SIZE_LIMITS"]

@@ -12,9 +12,11 @@ from functools import cached_property
 
 import torch
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import StrictDataclassError
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
@@ -347,7 +349,10 @@ class DiNaRewardModel(PreTrainedModel):
             dtype = getattr(torch, dtype)
         dtype = None if dtype == "auto" else dtype
         folder = _resolve_model_folder(str(pretrained_model_name_or_path), subfolder, revision)
-        config = DiNaConfig.from_pretrained(folder, **kwargs)
+        try:
+            config = DiNaConfig.from_pretrained(folder, **kwargs)
+        except StrictDataclassError as err:  # types, ranges, size limits: name the file as well as the key
+            raise ValueError(f"{os.path.join(folder, 'config.json')}: {err}") from err
         weights = os.path.join(folder, WEIGHTS_NAME)
         if not os.path.isfile(weights):
             pickles = [f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
@@ -357,15 +362,24 @@ class DiNaRewardModel(PreTrainedModel):
                 else ""
             )
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder!r}.{hint}")
+        # The config is validated (types, ranges, size limits); the file's header must match it before a weight is
+        # read or a module allocated: the model is built on `meta` (no memory) to know what to expect.
+        header = _read_header(weights)
+        if config.backbone_config or config.base_weights_included:
+            with torch.device("meta"):
+                skeleton = cls(config)
+            expected = skeleton.state_dict() if config.base_weights_included else skeleton.trainable_state_dict()
+            _check_keys(expected, header, weights)
         try:
             state = load_file(weights)
         except Exception as err:
             raise OSError(f"{weights!r} is not a readable safetensors file: {err}") from err
+        not_finite = [key for key, tensor in state.items() if not torch.isfinite(tensor).all()]
+        if not_finite:
+            raise ValueError(f"{weights}: weights {not_finite[:5]} hold NaN or infinite values.")
 
         if config.base_weights_included:
-            with torch.device("meta"):
-                model = cls(config)
-            _check_keys(model.state_dict(), state, weights)
+            model = skeleton
             model.load_state_dict(state, strict=True, assign=True)
         else:
             base = base_model if base_model is not None else resolve_base(config.base_model_name_or_path, folder)
@@ -391,6 +405,23 @@ def resolve_base(base: str, model_folder: str) -> str:
     if base and not os.path.isabs(base) and not os.path.isdir(base) and os.path.isdir(candidate):
         return candidate
     return base
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _read_header(path: str) -> dict[str, torch.Tensor]:
+    """The tensors a safetensors file declares, as `meta` tensors of their shapes (nothing read but the header);
+    weights that are not floating point are refused, not cast."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            declared = {key: (f.get_slice(key).get_shape(), f.get_slice(key).get_dtype()) for key in f.keys()}
+    except Exception as err:
+        raise OSError(f"{path!r} is not a readable safetensors file: {err}") from err
+    not_float = {key: dtype for key, (_, dtype) in declared.items() if dtype not in _FLOAT_DTYPES}
+    if not_float:
+        raise ValueError(f"{path}: weights must be floating point; {dict(list(not_float.items())[:5])} are not.")
+    return {key: torch.empty(shape, device="meta") for key, (shape, _) in declared.items()}
 
 
 def _check_keys(expected: dict, given: dict, source: str) -> None:
