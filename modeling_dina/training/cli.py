@@ -1,6 +1,6 @@
 """`dina train` and `dina cache`: subcommand builders and runners (wired into the `dina` entry point elsewhere).
 
-`dina train --config FILE [--resume [CKPT]]` reads a YAML or JSON file with three sections (see
+`dina train --config FILE [--resume [CKPT]] [--overwrite-output-dir]` reads a YAML or JSON file with three sections (see
 `hub_configs/train_example.yaml`):
 
 - `model`: `base` (pipeline folder or Hub id) and `config` (`DiNaConfig` overrides) for a fresh model, or
@@ -23,11 +23,14 @@ import os
 
 import torch
 import yaml
+from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from ..data import groups_to_pairs, load_preference_data
 from ..modeling_dina import DiNaRewardModel
+from ..safe_files import full_disk_explained
 from .arguments import DiNaTrainingArguments
 from .caching import cache_preference_dataset, load_cached_preferences
+from .checkpoints import claim_output_dir, latest_complete_checkpoint
 from .trainer import DiNaTrainer
 
 _SECTIONS = {"model", "data", "training"}
@@ -105,7 +108,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         const=True,
         default=None,
         metavar="CKPT",
-        help="resume from CKPT, or from the last checkpoint in output_dir when no path is given",
+        help="resume from CKPT, or from the newest complete checkpoint in output_dir when no path is given",
+    )
+    parser.add_argument(
+        "--overwrite-output-dir",
+        action="store_true",
+        help="train into an output_dir that holds an earlier run (refused otherwise, unless --resume)",
     )
     parser.set_defaults(func=run_train)
     return parser
@@ -113,23 +121,35 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> None:
     """Train, then save the model (EMA weights when on) and its card in `output_dir`, or push it when the training
-    arguments say `push_to_hub`."""
+    arguments say `push_to_hub`. The output folder is locked for the run; `--resume` without a path continues from
+    the newest complete checkpoint."""
     config = load_config(args.config)
     training_args = DiNaTrainingArguments(**config["training"])
-    model = build_model(config["model"])
-    data = config["data"]
-    splits = {
-        name: load_split(data[name], name, model, data, training_args) for name in ("train", "eval") if name in data
-    }
-    trainer = DiNaTrainer(model, training_args, train_dataset=splits["train"], eval_dataset=splits.get("eval"))
-    trainer.train(resume_from_checkpoint=args.resume)
-    card = {name: data.get(split, {}).get("source") for name, split in (("dataset", "train"), ("eval_dataset", "eval"))}
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    else:
-        trainer.save_model()
-        trainer.create_model_card(**card)
-    trainer.end()
+    output_dir = training_args.output_dir
+    resume, overwrite = args.resume, getattr(args, "overwrite_output_dir", False)
+    with claim_output_dir(training_args, resume=bool(resume), overwrite=overwrite):
+        # The LoRA and the head are drawn from the global RNG when built: seed it first, as the Trainer later does.
+        if training_args.full_determinism:
+            enable_full_determinism(training_args.seed)
+        else:
+            set_seed(training_args.seed)
+        model = build_model(config["model"])
+        data = config["data"]
+        splits = {
+            name: load_split(data[name], name, model, data, training_args) for name in ("train", "eval") if name in data
+        }
+        trainer = DiNaTrainer(model, training_args, train_dataset=splits["train"], eval_dataset=splits.get("eval"))
+        if resume is True:
+            resume = latest_complete_checkpoint(output_dir)
+        card = {n: data.get(split, {}).get("source") for n, split in (("dataset", "train"), ("eval_dataset", "eval"))}
+        with full_disk_explained(output_dir, "free space, then rerun with --resume (it skips incomplete checkpoints)"):
+            trainer.train(resume_from_checkpoint=resume)
+            if training_args.push_to_hub:
+                trainer.push_to_hub(**card)
+            else:
+                trainer.save_model()
+                trainer.create_model_card(**card)
+        trainer.end()
 
 
 def add_cache_parser(subparsers) -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ from ..modeling_dina import WEIGHTS_NAME, DiNaRewardModel
 from ..noise import add_noise, sample_noise_levels
 from .arguments import MODEL_CONFIG_FIELDS, DiNaTrainingArguments
 from .batching import BucketSampler, PreferenceCollator
+from .checkpoints import CheckpointCompletionCallback
 from .ema import EMACallback
 from .hub import make_model_card
 
@@ -83,6 +84,7 @@ class DiNaTrainer(Trainer):
         callbacks = list(callbacks or [])
         if args.ema_decay > 0:
             callbacks.append(EMACallback(args.ema_decay))
+        callbacks.append(CheckpointCompletionCallback())  # last: its marker says every other save is done
         super().__init__(
             model=model,
             args=args,
