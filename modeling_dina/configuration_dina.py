@@ -6,6 +6,9 @@ from dataclasses import field, fields
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .backbone_sd3 import SD3_LORA_TARGETS
+from .backbones import backbone_class
+
 LOSS_TYPES = ("thurstone", "thurstone_constant", "bt", "bt_margin")
 LOSS_FORMS = ("fidelity", "nll")
 NOISE_SAMPLING_SCHEMES = ("uniform", "logit_normal", "mode", "beta", "power", "constant")
@@ -20,7 +23,6 @@ SIZE_LIMITS = {
     "head_num_attention_heads": 1024,
     "max_sequence_length": 65536,
 }
-LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 # The released backbone: SD3.5-Medium's transformer (its diffusers config; 24 blocks, 0..12 with dual attention).
 SD35_MEDIUM_TRANSFORMER_CONFIG = {
@@ -51,7 +53,8 @@ class DiNaConfig(PreTrainedConfig):
             backbone (its text encoders, VAE and scheduler are used by the pipeline).
         base_model_revision (`str`, *optional*): revision of the base on the Hub.
         base_model_subfolder (`str`): subfolder of the base holding the transformer.
-        backbone_type (`str`): which backbone family reads the latents (`"sd3"`).
+        backbone_type (`str`): which backbone family reads the latents: `"sd3"`, `"flux"`, `"qwenimage"` or
+            `"zimage"` (`DiNaRewardModel.from_base` picks it from the base transformer's class).
         backbone_config (`dict`, *optional*): the base transformer's own config. Filled in when the model is built
             from a base, so the architecture can be rebuilt (e.g. on the `meta` device) without downloading.
         base_weights_included (`bool`): the saved weights hold the backbone's own weights (a self-contained folder
@@ -63,7 +66,8 @@ class DiNaConfig(PreTrainedConfig):
         text_layers (`list[int]`): blocks whose text-token stream feeds the head.
         use_lora (`bool`): put LoRA adapters on the backbone (otherwise the backbone is frozen as is).
         lora_rank (`int`), lora_alpha (`float`), lora_init (`str` or `bool`): the LoRA (`"gaussian"` in the release).
-        lora_target_modules (`list[str]`): module-name suffixes that get LoRA.
+        lora_target_modules (`list[str]`): module-name suffixes that get LoRA (`from_base` defaults to the family's:
+            the attention projections of both streams for SD3, FLUX and Qwen-Image, `to_q/k/v/out.0` for Z-Image).
         head_width (`int`): reward-head width W; `-1` means the backbone's token width.
         head_feature_width (`int`): width of each per-layer adapter's output; `-1` means W // 4.
         head_num_queries (`int`): learned query tokens.
@@ -86,7 +90,13 @@ class DiNaConfig(PreTrainedConfig):
         beta_alpha (`float`), beta_beta (`float`): parameters of `beta`.
         power_exponent (`float`): parameter of `power` (`u = r ** power_exponent`, `r` uniform).
         constant_noise_level (`float`): the level of `constant` (0 = clean-only training).
-        max_sequence_length (`int`): T5 tokens of the prompt encoding (release: 128).
+        max_sequence_length (`int`): prompt tokens of the family's text encoding (T5 for SD3 and FLUX, Qwen for
+            Qwen-Image and Z-Image; release: 128).
+        guidance_scale (`float`): the guidance-embedding input of guidance-distilled bases (FLUX.1-dev: 3.5);
+            ignored by bases without a guidance embedding.
+        unscaled_time_embedding (`bool`): FLUX only. `False` (correct) feeds the time embedding `sigma * 1000` and
+            `guidance * 1000`, as `FluxTransformer2DModel.forward` does; `True` feeds `sigma` and the raw guidance, as
+            the authors' FLUX reward code does, for checkpoints trained with it (`dina convert` sets it for them).
         score_offset (`float`), score_scale (`float`): reported score `(raw + offset) / scale`.
     """
 
@@ -107,7 +117,7 @@ class DiNaConfig(PreTrainedConfig):
     lora_rank: int = 64
     lora_alpha: float | int = 128
     lora_init: str | bool = "gaussian"
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    lora_target_modules: list[str] = field(default_factory=lambda: list(SD3_LORA_TARGETS))
 
     head_width: int = -1
     head_feature_width: int = -1
@@ -138,15 +148,17 @@ class DiNaConfig(PreTrainedConfig):
     constant_noise_level: float | int = 0.4
 
     max_sequence_length: int = 128
+    guidance_scale: float | int = 3.5
+    unscaled_time_embedding: bool = False
     score_offset: float | int = 10.0
     score_scale: float | int = 10.0
 
     @property
     def token_dim(self) -> int:
-        """Width of the backbone's token streams (heads x head dim for SD3)."""
+        """Width of the backbone's token streams (heads x head dim for the MMDiT families)."""
         if not self.backbone_config:
             raise ValueError("`backbone_config` is not set: build the model from a base or give the base's config.")
-        return self.backbone_config["num_attention_heads"] * self.backbone_config["attention_head_dim"]
+        return backbone_class(self.backbone_type).token_width(self.backbone_config)
 
     @property
     def resolved_head_width(self) -> int:
@@ -161,11 +173,12 @@ class DiNaConfig(PreTrainedConfig):
         n = self.num_backbone_layers
         if n < 1:
             raise ValueError(f"`num_backbone_layers` must be >= 1, got {n}.")
+        family = backbone_class(self.backbone_type)
         if self.backbone_config:
-            depth = self.backbone_config.get("num_layers")
+            depth = family.depth(self.backbone_config)
             if depth is not None and n > depth:
                 raise ValueError(f"`num_backbone_layers`={n} is beyond the base transformer's depth ({depth} blocks).")
-            if depth is not None and n == depth and n in self.text_layers:
+            if family.last_block_drops_text and depth is not None and n == depth and n in self.text_layers:
                 raise ValueError(
                     f"`text_layers` contains {n}, but block {n} is the base's last block, which emits no text stream "
                     "(context_pre_only)."
@@ -226,7 +239,7 @@ class DiNaConfig(PreTrainedConfig):
                 raise ValueError(f"`{f.name}` must be a finite number, got {value}.")
         sizes = {name: (getattr(self, name), limit) for name, limit in SIZE_LIMITS.items()}
         if self.backbone_config:
-            depth = self.backbone_config.get("num_layers", 0)
+            depth = backbone_class(self.backbone_type).depth(self.backbone_config) or 0
             sizes["backbone_config.num_layers"] = (depth, SIZE_LIMITS["num_backbone_layers"])
             sizes["the backbone's token width"] = (self.token_dim, SIZE_LIMITS["head_width"])
         for name, (value, limit) in sizes.items():

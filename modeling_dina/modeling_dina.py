@@ -23,11 +23,14 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import ModelOutput
 
 from .backbones import (
-    BACKBONES,
     DiNaBackbone,
+    backbone_class,
+    backbone_options,
+    backbone_type_for,
     build_backbone,
     load_base_weights,
     read_backbone_config,
+    read_transformer_class,
     resolve_base_folder,
 )
 from .configuration_dina import DiNaConfig
@@ -68,6 +71,7 @@ class DiNaRewardModel(PreTrainedModel):
     def __init__(self, config: DiNaConfig, backbone: DiNaBackbone | None = None):
         super().__init__(config)
         self.backbone = backbone if backbone is not None else build_backbone(config)
+        self._no_split_modules = [*self.backbone.no_split_modules, "DiNaRewardHead"]
         shared = getattr(self.backbone, "shared_with_base", False)
         for name, param in self.backbone.named_parameters():
             if "lora_" not in name:  # base weights are frozen; a generator's own adapters keep their setting
@@ -144,7 +148,8 @@ class DiNaRewardModel(PreTrainedModel):
         latents: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        pooled_projections: torch.Tensor,
+        pooled_projections: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> DiNaRewardOutput | tuple:
         """Rewards of already-noised latents.
@@ -156,7 +161,8 @@ class DiNaRewardModel(PreTrainedModel):
             timestep: the transformer timestep (`sigma * 1000`): a scalar, `(B,)`, or for the ensemble `(K,)` or
                 `(K, B)`.
             encoder_hidden_states: `(B, L, D_text)` prompt embeddings (shared by the K levels).
-            pooled_projections: `(B, D_pooled)` pooled prompt embeddings.
+            pooled_projections: `(B, D_pooled)` pooled prompt embeddings (SD3, FLUX; `None` for Qwen-Image, Z-Image).
+            encoder_attention_mask: `(B, L)`, true for real prompt tokens (Qwen-Image, Z-Image; `None` for SD3, FLUX).
         """
         num_levels = latents.shape[0] if latents.ndim == 5 else 1
         if latents.ndim not in (4, 5):
@@ -166,11 +172,7 @@ class DiNaRewardModel(PreTrainedModel):
             raise ValueError(
                 f"`latents` have {latents.shape[-3]} channels; the backbone reads {self.backbone.latent_channels}."
             )
-        if encoder_hidden_states.shape[0] != batch or pooled_projections.shape[0] != batch:
-            raise ValueError(
-                f"{batch} latents but {encoder_hidden_states.shape[0]} prompt embeddings and "
-                f"{pooled_projections.shape[0]} pooled embeddings."
-            )
+        self._check_prompt_inputs(batch, encoder_hidden_states, pooled_projections, encoder_attention_mask)
         timestep = torch.as_tensor(timestep, device=latents.device, dtype=torch.float32)
         timestep = timestep.reshape(num_levels, -1).expand(num_levels, batch).reshape(-1)
         with self.reward_adapter():
@@ -178,13 +180,29 @@ class DiNaRewardModel(PreTrainedModel):
                 latents.reshape(num_levels * batch, *latents.shape[-3:]),
                 timestep,
                 encoder_hidden_states.repeat(num_levels, 1, 1),
-                pooled_projections.repeat(num_levels, 1),
+                None if pooled_projections is None else pooled_projections.repeat(num_levels, 1),
+                None if encoder_attention_mask is None else encoder_attention_mask.repeat(num_levels, 1),
             )
-        rewards = self.reward_head(features.visual, features.text, features.temb, num_levels=num_levels)
+        rewards = self.reward_head(
+            features.visual, features.text, features.temb, num_levels=num_levels, text_mask=features.text_mask
+        )
         scores = self.normalize(rewards)
         if not return_dict:
             return rewards, scores
         return DiNaRewardOutput(rewards=rewards, scores=scores)
+
+    def _check_prompt_inputs(self, batch: int, embeds, pooled, mask) -> None:
+        family = type(self.backbone)
+        if embeds.shape[0] != batch:
+            raise ValueError(f"{batch} latents but {embeds.shape[0]} prompt embeddings.")
+        if family.uses_pooled and (pooled is None or pooled.shape[0] != batch):
+            got = "none" if pooled is None else pooled.shape[0]
+            raise ValueError(f"{batch} latents but {got} pooled embeddings (the {family.family} backbone needs them).")
+        if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
+            raise ValueError(
+                f"`encoder_attention_mask` has shape {tuple(mask.shape)}, the prompt embeddings "
+                f"{tuple(embeds.shape[:2])}."
+            )
 
     # ----------------------------------------------------------------------------------------------- building
 
@@ -202,29 +220,37 @@ class DiNaRewardModel(PreTrainedModel):
         """A fresh DiNa-LRM (new LoRA and head) on a base.
 
         Args:
-            base: a loaded `SD3Transformer2DModel` (its modules are shared, not copied: the generator and the reward
-                hold one copy of the frozen blocks), or a diffusers pipeline folder / Hub id (only the kept blocks'
-                weights are read from disk).
-            config: a `DiNaConfig`; else one is made from `config_kwargs` with the released defaults.
+            base: a loaded `SD3Transformer2DModel`, `FluxTransformer2DModel`, `QwenImageTransformer2DModel` or
+                `ZImageTransformer2DModel` (its modules are shared, not copied: the generator and the reward hold one
+                copy of the frozen blocks), or a diffusers pipeline folder / Hub id (only the kept blocks' weights are
+                read from disk). The backbone family follows the transformer's class.
+            config: a `DiNaConfig`; else one is made from `config_kwargs` with the released defaults (and the family's
+                default LoRA targets).
         """
         if isinstance(base, str):
             folder = resolve_base_folder(base, subfolder, revision)
+            backbone_type = backbone_type_for(read_transformer_class(folder))
             backbone_config = read_backbone_config(folder)
             scheduler_config = _read_scheduler_config(base, revision)
             config_kwargs.setdefault("base_model_name_or_path", base)
             config_kwargs.setdefault("base_model_revision", revision)
         else:
             folder, backbone_config, scheduler_config = None, dict(base.config), None
+            backbone_type = backbone_type_for(type(base))
             config_kwargs.setdefault("base_model_name_or_path", getattr(base.config, "_name_or_path", "") or "")
-        backbone_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in backbone_config.items()}
+        backbone_config = {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in backbone_config.items() if not k.startswith("_")
+        }
+        family = {"backbone_config": backbone_config, "backbone_type": backbone_type}
         if config is None:
             config_kwargs.setdefault("scheduler_config", scheduler_config)
-            config = DiNaConfig(backbone_config=backbone_config, base_model_subfolder=subfolder, **config_kwargs)
+            config_kwargs.setdefault("lora_target_modules", list(backbone_class(backbone_type).default_lora_targets))
+            config = DiNaConfig(**family, base_model_subfolder=subfolder, **config_kwargs)
         else:
-            config = DiNaConfig(**{**config.to_dict(), "backbone_config": backbone_config, **config_kwargs})
+            config = DiNaConfig(**{**config.to_dict(), **family, **config_kwargs})
         if folder is None:
-            backbone = BACKBONES[config.backbone_type].from_transformer(
-                base, config.num_backbone_layers, config.visual_layers, config.text_layers
+            backbone = backbone_class(config.backbone_type).from_transformer(
+                base, config.num_backbone_layers, config.visual_layers, config.text_layers, backbone_options(config)
             )
         else:
             with torch.device("meta"):

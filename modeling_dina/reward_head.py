@@ -54,23 +54,34 @@ class GatedCrossAttention(nn.Module):
         self.use_text = use_text
         self.to_out = nn.Sequential(nn.Linear(width, width), nn.Dropout(dropout))
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, heads = q.shape[0], self.num_heads
         q, k, v = (x.view(b, x.shape[1], heads, -1).transpose(1, 2) for x in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, heads * q.shape[-1])
+        mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, -1, heads * q.shape[-1])
 
-    def _branch(self, q, tokens, norm, to_k, to_v, gate):
+    def _branch(self, q, tokens, norm, to_k, to_v, gate, mask=None):
         tokens = norm(tokens)
         v = to_v(tokens)
         if gate is not None:
             v = v * torch.sigmoid(gate(tokens))
-        return self._attend(q, to_k(tokens), v)
+        return self._attend(q, to_k(tokens), v, mask)
 
-    def forward(self, queries: torch.Tensor, image_tokens: torch.Tensor, text_tokens: torch.Tensor | None = None):
+    def forward(
+        self,
+        queries: torch.Tensor,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ):
+        """`text_mask` `(B, N_text)` bool: the text tokens attended to (all when `None`)."""
         q = self.to_q(self.norm_q(queries))
         out = self._branch(q, image_tokens, self.norm_v, self.to_k_vis, self.to_v_vis, self.gate_vis)
         if self.use_text and text_tokens is not None:
-            out = out + self._branch(q, text_tokens, self.norm_t, self.to_k_text, self.to_v_text, self.gate_text)
+            out = out + self._branch(
+                q, text_tokens, self.norm_t, self.to_k_text, self.to_v_text, self.gate_text, text_mask
+            )
         return queries + self.to_out(out)
 
 
@@ -122,8 +133,7 @@ class DiNaRewardHead(nn.Module):
         """Adapter outputs concatenated on channels, projected; the K noise levels concatenated on tokens."""
         tokens = agg(torch.cat([adapter(x, temb) for adapter, x in zip(adapters, features)], dim=-1))
         k_b, n, width = tokens.shape
-        # Rows are level-major (level k of sample b at k * B + b): gather each sample's K token sets side by side.
-        return tokens.view(num_levels, k_b // num_levels, n, width).transpose(0, 1).reshape(-1, num_levels * n, width)
+        return _levels_side_by_side(tokens, num_levels)
 
     def forward(
         self,
@@ -131,8 +141,10 @@ class DiNaRewardHead(nn.Module):
         text_features: list[torch.Tensor],
         temb: torch.Tensor,
         num_levels: int = 1,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Features of shape (K*B, N, C), level-major, and `temb` (K*B, C) -> raw rewards (B,)."""
+        """Features of shape (K*B, N, C), level-major, and `temb` (K*B, C) -> raw rewards (B,). `text_mask`
+        (K*B, N_text) bool marks real text tokens for families with variable-length prompts (`None`: all are)."""
         if len(visual_features) != len(self.layer_adapters_visual):
             raise ValueError(
                 f"expected {len(self.layer_adapters_visual)} image feature maps, got {len(visual_features)}."
@@ -143,9 +155,11 @@ class DiNaRewardHead(nn.Module):
         text_tokens = None
         if self.agg_text is not None:
             text_tokens = self._tokens(self.layer_adapters_text, self.agg_text, text_features, temb, num_levels)
+        if text_mask is not None:
+            text_mask = _levels_side_by_side(text_mask.unsqueeze(-1), num_levels).squeeze(-1)
 
         queries = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
-        queries = self.attn1(queries, image_tokens, text_tokens)
+        queries = self.attn1(queries, image_tokens, text_tokens, text_mask)
         queries = self.attn2(queries, image_tokens)
         queries = queries + self.ff(self.norm_ff(queries))
         # The read-out runs in fp32: in bf16 a reward keeps 8 mantissa bits, too coarse to rank close candidates.
@@ -155,3 +169,9 @@ class DiNaRewardHead(nn.Module):
             center, scale = self.logistic_center.float(), self.logistic_scale.float()
             reward = 4.0 * torch.sigmoid((reward - center) / (scale.abs() + 1e-6)) - 2.0
         return reward
+
+
+def _levels_side_by_side(tokens: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """(K*B, N, C) level-major rows (level k of sample b at k * B + b) -> (B, K*N, C): each sample's K token sets."""
+    k_b, n, width = tokens.shape
+    return tokens.view(num_levels, k_b // num_levels, n, width).transpose(0, 1).reshape(-1, num_levels * n, width)

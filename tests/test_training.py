@@ -443,7 +443,8 @@ def test_push_uploads_lora_head_config_and_card(tiny_sd3_dir, train_set, tmp_pat
     trainer.train()
     trainer.save_model()
     trainer.create_model_card(model_name="me/dina-tiny", dataset="me/pairs", eval_dataset="me/held-out")
-    code = ["backbones.py", "configuration_dina.py", "modeling_dina.py", "noise.py", "reward_head.py"]
+    backbones = ["backbones.py", *(f"backbone_{name}.py" for name in ("base", "flux", "qwenimage", "sd3", "zimage"))]
+    code = [*backbones, "configuration_dina.py", "modeling_dina.py", "noise.py", "reward_head.py"]
     expected = sorted(["README.md", "config.json", "model.safetensors", "training_args.bin", *code])
     assert files_to_upload(tmp_path / "out", TRAINER_IGNORE_PATTERNS) == expected
 

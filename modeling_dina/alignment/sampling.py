@@ -20,10 +20,10 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from ..backbone_sd3 import SD3_LORA_TARGETS as GENERATOR_LORA_TARGETS
+
 GENERATOR_ADAPTER = "generator"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
-# The attention projections diffusers' SD3 LoRA training scripts target.
-GENERATOR_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
 @dataclass
