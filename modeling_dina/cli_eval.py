@@ -30,6 +30,14 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--split", help="dataset split (default: the benchmark's test split)")
     p.add_argument("--noise-levels", type=_levels, default=None, help="e.g. 0.2,0.5,0.7 (default: the config's)")
     p.add_argument("--ensemble", action="store_true", help="also score the noise levels as one ensemble")
+    p.add_argument(
+        "--noise",
+        choices=("shared", "independent", "both"),
+        default="shared",
+        help="shared: the images of a prompt see one noise draw (common random numbers); independent: a fresh draw "
+        "per image, seeded, as the paper's evaluation does (scorers named dina-independent@...); both: side by side",
+    )
+    p.add_argument("--noise-seed", type=int, default=0, help="seed of the independent draws")
     p.add_argument("--clip", action="append", default=[], metavar="MODEL", help="a CLIP-score baseline (repeatable)")
     p.add_argument("--pickscore", metavar="MODEL", help="a PickScore-style CLIP baseline")
     p.add_argument("--pickscore-processor", default="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
@@ -62,9 +70,13 @@ def run_eval(args: argparse.Namespace) -> dict:
         pipe = pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
     levels = args.noise_levels or list(pipe.reward_model.config.ensemble_noise_levels)
-    scorers = {f"dina@{u}": DiNaScorer(pipe, noise_level=u, batch_size=args.batch_size) for u in levels}
-    if args.ensemble:
-        scorers["dina@ensemble"] = DiNaScorer(pipe, noise_levels=levels, batch_size=args.batch_size)
+    settings = [{"noise_level": u} for u in levels] + ([{"noise_levels": levels}] if args.ensemble else [])
+    modes = ("shared", "independent") if args.noise == "both" else (args.noise,)
+    scorers = {}
+    for mode in modes:
+        for setting in settings:
+            scorer = DiNaScorer(pipe, **setting, batch_size=args.batch_size, noise=mode, seed=args.noise_seed)
+            scorers[scorer.name] = scorer
     for model in args.clip:
         scorers[f"clip:{model}"] = CLIPScorer.from_pretrained(model, mode="clip", device=args.device)
     if args.pickscore:

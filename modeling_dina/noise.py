@@ -8,6 +8,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from scipy.special import betaincinv
 
+NOISE_MODES = ("shared", "independent")
+"""How evaluation draws noise: one draw for the images of a prompt (common random numbers, SPEC §1), or one per
+image (the authors' evaluation: `randn_like` on every call)."""
+
 
 class NoiseGrid:
     """The noise levels a flow-matching scheduler was trained on, and their transformer timesteps.

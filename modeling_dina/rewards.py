@@ -4,11 +4,13 @@
 - `make_latent_reward_fn`: `fn(latents, prompt_embeds, pooled_prompt_embeds) -> rewards` on the generator's own clean
   latents (no VAE decode), optionally differentiable for direct reward back-propagation.
 - `best_of_n`: pick the best of N candidates for one prompt.
-- `DiNaScorer`: a pipeline as a benchmark `Scorer` (`evaluation.run_benchmark`), at one noise level or an ensemble.
+- `DiNaScorer`: a pipeline as a benchmark `Scorer` (`evaluation.run_benchmark`), at one noise level or an ensemble,
+  with noise shared within a prompt or drawn independently per image.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from .baselines import Scorer
+from .noise import NOISE_MODES
 from .pipeline_dina import DiNaRewardPipeline
 
 
@@ -113,11 +116,20 @@ def _check_pipe(pipe) -> None:
         raise TypeError(f"`pipe` must be a DiNaRewardPipeline, got {type(pipe).__name__}.")
 
 
-__all__ = ["BestOfN", "best_of_n", "make_latent_reward_fn", "make_reward_fn"]
+__all__ = ["BestOfN", "DiNaScorer", "best_of_n", "make_latent_reward_fn", "make_reward_fn"]
 
 
 class DiNaScorer(Scorer):
-    """A DiNa pipeline behind the benchmark runner's `Scorer` interface, at one noise level or an ensemble."""
+    """A DiNa pipeline behind the benchmark runner's `Scorer` interface, at one noise level or an ensemble.
+
+    `noise="shared"` scores a batch in one pipeline call: images of one prompt and size see the same noise draw
+    (common random numbers, the pipeline's default), so a pair's score difference reflects the images alone.
+    `noise="independent"` gives every image its own draw, as the authors' evaluation does (`randn_like` per call):
+    each image is scored alone with a generator seeded from `seed`, its prompt and its pixels, so a score does not
+    depend on the batch it came in and a rerun reproduces it (one pipeline call per image: slower). Default names:
+    `dina@<level>` and `dina-independent@<level>` (`-seed<seed>` added for a seed other than 0), so the benchmark
+    runner's per-scorer caches never mix the modes.
+    """
 
     def __init__(
         self,
@@ -126,14 +138,32 @@ class DiNaScorer(Scorer):
         noise_levels: Sequence[float] | None = None,
         name: str | None = None,
         batch_size: int = 16,
+        noise: str = "shared",
+        seed: int = 0,
     ):
         if (noise_level is None) == (noise_levels is None):
             raise ValueError("give exactly one of `noise_level` and `noise_levels`.")
+        if noise not in NOISE_MODES:
+            raise ValueError(f"`noise` must be one of {NOISE_MODES}, got {noise!r}.")
         label = f"{noise_level}" if noise_level is not None else "ensemble"
+        family = "dina" if noise == "shared" else "dina-independent" + (f"-seed{seed}" if seed else "")
         params = sum(p.numel() for p in pipe.reward_model.parameters())
-        super().__init__(name or f"dina@{label}", params, batch_size)
+        super().__init__(name or f"{family}@{label}", params, batch_size)
         self.pipe, self.noise_level = pipe, noise_level if noise_level is not None else list(noise_levels)
+        self.noise, self.seed = noise, seed
 
     def _score_batch(self, prompts: list[str], images: list) -> torch.Tensor:
-        key = "noise_levels" if isinstance(self.noise_level, list) else "noise_level"
-        return self.pipe(prompt=prompts, images=images, batch_size=len(images), **{key: self.noise_level}).rewards
+        levels = {"noise_levels" if isinstance(self.noise_level, list) else "noise_level": self.noise_level}
+        if self.noise == "shared":
+            return self.pipe(prompt=prompts, images=images, batch_size=len(images), **levels).rewards
+        return torch.cat(
+            [
+                self.pipe(prompt=prompt, images=[image], generator=self.generator(prompt, image), **levels).rewards
+                for prompt, image in zip(prompts, images)
+            ]
+        )
+
+    def generator(self, prompt: str, image) -> torch.Generator:
+        """The CPU generator of one image's noise draw in `independent` mode, seeded from `seed`, prompt and pixels."""
+        key = f"{self.seed}|{prompt}|{image.mode}|{image.size}".encode() + image.tobytes()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)

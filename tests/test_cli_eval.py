@@ -65,3 +65,21 @@ def test_eval_writes_json_markdown_and_plot(tiny_dina_dir, clip_parts, benchmark
     assert (out / "accuracy_vs_noise.png").stat().st_size > 0
     assert "dina@ensemble" in capsys.readouterr().out
     assert any(p.name.startswith("dina@0.2") for p in (out / "cache").iterdir())  # per-item scores, for resuming
+
+
+def test_eval_noise_modes_side_by_side(tiny_dina_dir, benchmark, tmp_path):
+    out = tmp_path / "eval"
+    args = ["eval", "--model", tiny_dina_dir, "--benchmark", "pairs", "--path", str(benchmark), "--noise-levels", "0.5"]
+    dina_main([*args, "--ensemble", "--noise", "both", "--bootstrap", "0", "--output", str(out)])
+    scorers = json.loads((out / "results.json").read_text())["scorers"]
+    assert set(scorers) == {"dina@0.5", "dina@ensemble", "dina-independent@0.5", "dina-independent@ensemble"}
+    assert scorers["dina-independent@0.5"]["noise_level"] == 0.5
+    # The independent draws are seeded: a second run in another folder scores every item the same.
+    dina_main([*args, "--noise", "independent", "--bootstrap", "0", "--output", str(tmp_path / "again")])
+    again = json.loads((tmp_path / "again" / "results.json").read_text())["scorers"]
+    assert set(again) == {"dina-independent@0.5"}
+    cached = [
+        [json.loads(line)["scores"] for line in (folder / "cache" / "dina-independent@0.5.jsonl").open()]
+        for folder in (out, tmp_path / "again")
+    ]
+    assert len(cached[0]) == 6 and cached[0] == cached[1]

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from modeling_dina.cli_score import add_score_parser
-from modeling_dina.rewards import best_of_n, make_latent_reward_fn, make_reward_fn
+from modeling_dina.rewards import DiNaScorer, best_of_n, make_latent_reward_fn, make_reward_fn
 
 PROMPT = "a red circle"
+NOISE = ("shared", "independent")
 
 
 def _images(n, seed=0):
@@ -165,3 +166,34 @@ def test_cli_score_dataset_two_processes(tiny_dina_dir, tmp_path):
     two, one = datasets.load_from_disk(tmp_path / "two"), datasets.load_from_disk(tmp_path / "one")
     assert two["prompt"] == prompts
     assert two["dina_reward"] == pytest.approx(one["dina_reward"], abs=1e-5)
+
+
+def test_dina_scorer_noise_modes(pipe):
+    images = [Image.fromarray(a) for a in _images(4, seed=5)]
+    prompts = [PROMPT, PROMPT, "a blue square", "a blue square"]
+    shared, independent = (DiNaScorer(pipe, noise_level=1.0, noise=mode) for mode in ("shared", "independent"))
+    assert (shared.name, independent.name) == ("dina@1.0", "dina-independent@1.0")
+    # At sigma = 1 the latent is the noise alone: shared noise gives a prompt's two images one reward, independent
+    # noise two.
+    same, fresh = shared(prompts, images), independent(prompts, images)
+    assert same[0] == same[1] and same[2] == same[3] and same[0] != same[2]
+    assert fresh[0] != fresh[1] and fresh[2] != fresh[3]
+    # Shared is the pipeline's own call (common random numbers); independent is one seeded draw per image.
+    shared, independent = (DiNaScorer(pipe, noise_level=0.7, noise=mode, batch_size=4) for mode in NOISE)
+    torch.testing.assert_close(shared(prompts, images), pipe(prompts, images=images, noise_level=0.7).rewards)
+    shape = (1, pipe.reward_model.backbone.latent_channels, 32 // pipe.vae_scale_factor, 32 // pipe.vae_scale_factor)
+    by_hand = [
+        pipe(p, images=[im], noise=torch.randn(shape, generator=independent.generator(p, im)), noise_level=0.7).rewards
+        for p, im in zip(prompts, images)
+    ]
+    rewards = independent(prompts, images)
+    torch.testing.assert_close(rewards, torch.cat(by_hand))
+    # Reproducible, whatever the batch and the order; another seed is another draw.
+    one_by_one = DiNaScorer(pipe, noise_level=0.7, noise="independent", batch_size=1)
+    assert torch.equal(one_by_one(prompts[::-1], images[::-1]).flip(0), rewards)
+    reseeded = DiNaScorer(pipe, noise_level=0.7, noise="independent", seed=1)
+    assert reseeded.name == "dina-independent-seed1@0.7" and not torch.equal(reseeded(prompts, images), rewards)
+    ensemble = DiNaScorer(pipe, noise_levels=[0.2, 0.5], noise="independent")
+    assert ensemble.name == "dina-independent@ensemble" and torch.isfinite(ensemble(prompts, images)).all()
+    with pytest.raises(ValueError, match="noise"):
+        DiNaScorer(pipe, noise_level=0.7, noise="fresh")

@@ -66,9 +66,13 @@ def test_rewards_stage_writes_models_and_report(tmp_path, candidates):
     assert results["test_pairs"] == dict.fromkeys(pair_sets, 8)
     assert list(results["accuracy"]) == pair_sets
     assert all(set(results["accuracy"][name]) == {*VARIANTS, "pixel"} for name in pair_sets)
+    independent = results["accuracy_independent_noise"]
+    assert list(independent) == pair_sets and all(set(independent[name]) == set(VARIANTS) for name in pair_sets)
+    assert set(independent["rendered"]["dina"]) == set(results["accuracy"]["rendered"]["dina"])
     assert {"random", "oracle", "dina", "dina_ensemble", "pixel"} <= set(results["best_of_n"])
     report = (tmp_path / "report" / "report.md").read_text()
-    assert all(f"### {name} test pairs (8)" in report for name in pair_sets) and "| dina |" in report
+    assert all(report.count(f"### {name} test pairs (8)") == 2 for name in pair_sets) and "| dina |" in report
+    assert "## Held-out pairwise accuracy with independent noise (%)" in report
     for plot in ("accuracy_vs_noise.png", "best_of_n.png"):
         assert Image.open(tmp_path / "report" / plot).size[0] > 100
     reward = DiNaRewardPipeline.from_pretrained(tmp_path / "rewards" / "dina")

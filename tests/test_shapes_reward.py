@@ -48,6 +48,11 @@ def test_shipped_reward_held_out_accuracy(tmp_path):
     )
     model = DiNaRewardModel.from_pretrained(REWARD_DIR)
     assert dina_accuracy(model, cache, [0.2], seed=1) >= ACCURACY_FLOOR
+    # At sigma = 1 a latent is its noise alone: a shared draw makes every pair a tie (half credit), one draw per
+    # latent does not, and the same seed gives the same draws again.
+    assert dina_accuracy(model, cache, [1.0], seed=1) == 0.5
+    independent = dina_accuracy(model, cache, [1.0], seed=1, noise="independent")
+    assert independent != 0.5 and independent == dina_accuracy(model, cache, [1.0], seed=1, noise="independent")
 
 
 def test_demo_writes_contact_sheet_and_beats_random(tmp_path, capsys):

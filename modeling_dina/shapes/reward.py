@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..losses import bradley_terry_loss
 from ..metrics import pairwise_accuracy
 from ..modeling_dina import DiNaRewardModel
-from ..noise import add_noise
+from ..noise import NOISE_MODES, add_noise
 from ..training import DiNaTrainer, DiNaTrainingArguments, PreferenceCollator
 from .generator import MAX_SEQUENCE_LENGTH
 
@@ -126,14 +126,17 @@ def install_reward(trained_dir: str | os.PathLike, target: str | os.PathLike = R
     return target
 
 
-def _noised_rewards(model: DiNaRewardModel, batch: dict, levels, generator: torch.Generator) -> torch.Tensor:
-    """Rewards `(2, B)` of a cached batch at the given noise level(s) (an ensemble when several), one noise draw
-    shared by the chosen and the rejected latent."""
+def _noised_rewards(
+    model: DiNaRewardModel, batch: dict, levels, generator: torch.Generator, noise: str = "shared"
+) -> torch.Tensor:
+    """Rewards `(2, B)` of a cached batch at the given noise level(s) (an ensemble when several): one noise draw
+    shared by the chosen and the rejected latent, or with `noise="independent"` one draw each."""
     chosen, rejected = batch["chosen_latents"], batch["rejected_latents"]
-    noise = torch.randn(chosen.shape, generator=generator).to(chosen.device)
+    draws = 1 if noise == "shared" else 2
+    eps = torch.randn((draws, *chosen.shape), generator=generator).to(chosen.device)
     sigma, timestep = model.noise_grid.snap(list(levels))
     latents = torch.cat([chosen, rejected])
-    noised = torch.stack([add_noise(latents, torch.cat([noise, noise]), s.item()) for s in sigma])
+    noised = torch.stack([add_noise(latents, torch.cat([eps[0], eps[-1]]), s.item()) for s in sigma])
     rewards = model(
         noised,
         timestep,
@@ -144,13 +147,18 @@ def _noised_rewards(model: DiNaRewardModel, batch: dict, levels, generator: torc
 
 
 @torch.no_grad()
-def dina_accuracy(model: DiNaRewardModel, cache, levels, *, batch_size: int = 128, seed: int = 0) -> float:
-    """Held-out pairwise accuracy of a DiNa model on a cached pair set at one level or an ensemble of levels."""
+def dina_accuracy(
+    model: DiNaRewardModel, cache, levels, *, batch_size: int = 128, seed: int = 0, noise: str = "shared"
+) -> float:
+    """Held-out pairwise accuracy of a DiNa model on a cached pair set at one level or an ensemble of levels, with
+    the noise draw shared by a pair's two latents (`noise="shared"`) or one draw per latent (`"independent"`)."""
+    if noise not in NOISE_MODES:
+        raise ValueError(f"`noise` must be one of {NOISE_MODES}, got {noise!r}")
     loader = torch.utils.data.DataLoader(cache, batch_size=batch_size, collate_fn=PreferenceCollator())
     generator = torch.Generator().manual_seed(seed)
     chosen, rejected, labels = [], [], []
     for batch in loader:
-        rewards = _noised_rewards(model, batch, levels, generator)
+        rewards = _noised_rewards(model, batch, levels, generator, noise)
         chosen.append(rewards[0])
         rejected.append(rewards[1])
         labels.append(batch["labels"])

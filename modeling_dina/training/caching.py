@@ -244,14 +244,7 @@ def cache_preference_dataset(
         "shard_size": shard_size,
         "storage_dtype": storage_dtype,
     }
-    info_path = os.path.join(output_dir, CACHE_INFO_NAME)
-    info = _read_json(info_path)
-    if info is not None and {k: info.get(k) for k in settings} != settings:
-        changed = sorted(k for k in settings if info.get(k) != settings[k])
-        raise ValueError(
-            f"{os.fspath(output_dir)!r} holds a cache made with other settings ({', '.join(changed)} differ): "
-            "use another output_dir or delete it."
-        )
+    info = read_cache_info(output_dir, settings)
     if info is not None and info.get("complete"):
         return load_cached_preferences(output_dir)  # done before: the encoders are not even loaded
 
@@ -264,18 +257,43 @@ def cache_preference_dataset(
     if bad:
         raise ValueError(f"buckets {bad} are not multiples of {multiple} or exceed the largest side {max_side}")
     settings.update(latent_channels=pipe.vae.config.latent_channels, bucket_sizes=[list(b) for b in buckets])
+
+    def write_shard(rows, folder, prompt_index):
+        _write_shard(pairs, rows, folder, pipe, prompt_index, buckets, settings, batch_size)
+
+    return fill_cache(output_dir, settings, len(pairs), shard_size, write_shard, progress=progress)
+
+
+def read_cache_info(output_dir, settings: dict) -> dict | None:
+    """The `cache_info.json` of `output_dir` (None if there is none), refused when made with other `settings`."""
+    info = _read_json(os.path.join(output_dir, CACHE_INFO_NAME))
+    if info is not None and {k: info.get(k) for k in settings} != settings:
+        changed = sorted(k for k in settings if info.get(k) != settings[k])
+        raise ValueError(
+            f"{os.fspath(output_dir)!r} holds a cache made with other settings ({', '.join(changed)} differ): "
+            "use another output_dir or delete it."
+        )
+    return info
+
+
+def fill_cache(output_dir, settings: dict, num_rows: int, shard_size: int, write_shard, *, progress: bool = True):
+    """Write the shards of a cache folder that are missing, then mark it complete and open it.
+
+    `write_shard(rows, folder, prompt_index)` encodes the source rows `rows` (a range) into `folder` atomically (see
+    `write_cache_part`), indexing prompts after those of earlier shards (`prompt_index`, prompt -> row, not modified).
+    """
+    info_path = os.path.join(output_dir, CACHE_INFO_NAME)
     os.makedirs(os.path.join(output_dir, _SHARDS), exist_ok=True)
     _write_json(info_path, settings)
-
-    num_shards = max(1, math.ceil(len(pairs) / shard_size))
+    num_shards = max(1, math.ceil(num_rows / shard_size))
     prompt_index: dict[str, int] = {}
     skipped: list[dict] = []
-    bar = tqdm(total=len(pairs), desc="Caching preference pairs", unit="pair", disable=not progress)
+    bar = tqdm(total=num_rows, desc="Caching preference pairs", unit="pair", disable=not progress)
     for shard in range(num_shards):
         folder = os.path.join(output_dir, _SHARDS, f"{shard:05d}")
-        rows = range(shard * shard_size, min(len(pairs), (shard + 1) * shard_size))
+        rows = range(shard * shard_size, min(num_rows, (shard + 1) * shard_size))
         if not os.path.isdir(folder):
-            _write_shard(pairs, rows, folder, pipe, prompt_index, buckets, settings, batch_size)
+            write_shard(rows, folder, prompt_index)
         if os.path.isdir(os.path.join(folder, "prompts")):
             for prompt in load_from_disk(os.path.join(folder, "prompts"))["prompt"]:
                 prompt_index.setdefault(prompt, len(prompt_index))
@@ -286,12 +304,10 @@ def cache_preference_dataset(
     _write_json(os.path.join(output_dir, SKIPPED_ROWS_NAME), skipped)
     if skipped:
         logger.warning(
-            f"{len(skipped)} of {len(pairs)} rows were skipped (unreadable images); see "
-            f"{os.path.join(output_dir, SKIPPED_ROWS_NAME)}"
+            f"{len(skipped)} of {num_rows} rows were skipped; see {os.path.join(output_dir, SKIPPED_ROWS_NAME)}"
         )
     _write_json(
-        info_path,
-        {**settings, "complete": True, "num_shards": num_shards, "num_pairs": len(pairs) - len(skipped)},
+        info_path, {**settings, "complete": True, "num_shards": num_shards, "num_pairs": num_rows - len(skipped)}
     )
     return load_cached_preferences(output_dir)
 
@@ -326,15 +342,32 @@ def _read_pairs(pairs: Dataset, rows: range, buckets) -> tuple[list[_Pair], list
 
 
 def _write_shard(pairs, rows, folder, pipe, prompt_index, buckets, settings, batch_size) -> None:
-    """Encode the pairs `rows` and their new prompts into `folder`, atomically (`datasets` cannot reload an empty
-    saved dataset, so an empty part is left out)."""
+    """Encode the pairs `rows` and their new prompts into `folder`, atomically."""
     items, skipped = _read_pairs(pairs, rows, buckets)
+    latents: dict[tuple[int, str], np.ndarray] = {}
+    for bucket in sorted({item.bucket for item in items}):
+        group = [item for item in items if item.bucket == bucket]
+        for side in ("chosen", "rejected"):
+            pixels = torch.stack([image_to_pixels(item.images[side], bucket) for item in group])
+            for item, z in zip(group, encode_images(pipe, pixels, batch_size=batch_size).numpy()):
+                latents[item.row, side] = z
+    encoded = [
+        (item.row, item.prompt, item.label, latents[item.row, "chosen"], latents[item.row, "rejected"])
+        for item in items
+    ]
+    write_cache_part(folder, encoded, skipped, prompt_index, pipe, settings, batch_size)
+
+
+def write_cache_part(folder, pairs, skipped, prompt_index, pipe, settings, batch_size) -> None:
+    """Write one shard into `folder`, atomically: the `pairs` `(row, prompt, label, chosen, rejected)` with `(C, h, w)`
+    latents, the prompts not in `prompt_index` encoded with `pipe`, and the `skipped` rows (`datasets` cannot reload
+    an empty saved dataset, so an empty part is left out)."""
     dtype, max_length = settings["storage_dtype"], settings["max_sequence_length"]
     tmp = f"{folder}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
 
-    new_prompts = list(dict.fromkeys(item.prompt for item in items if item.prompt not in prompt_index))
+    new_prompts = list(dict.fromkeys(prompt for _, prompt, *_ in pairs if prompt not in prompt_index))
     if new_prompts:
         embeds, pooled = encode_prompts(pipe, new_prompts, max_sequence_length=max_length, batch_size=batch_size)
         features = {
@@ -346,23 +379,17 @@ def _write_shard(pairs, rows, folder, pipe, prompt_index, buckets, settings, bat
         Dataset.from_dict(columns, features=Features(features)).save_to_disk(os.path.join(tmp, "prompts"))
     index = {**prompt_index, **{p: len(prompt_index) + i for i, p in enumerate(new_prompts)}}
 
-    if items:
-        latents: dict[tuple[int, str], np.ndarray] = {}
-        for bucket in sorted({item.bucket for item in items}):
-            group = [item for item in items if item.bucket == bucket]
-            for side in ("chosen", "rejected"):
-                pixels = torch.stack([image_to_pixels(item.images[side], bucket) for item in group])
-                for item, z in zip(group, encode_images(pipe, pixels, batch_size=batch_size).numpy()):
-                    latents[item.row, side] = z
+    if pairs:
+        rows, prompts, labels, chosen, rejected = zip(*pairs)
         columns = {
-            "row": [item.row for item in items],
-            "prompt": [item.prompt for item in items],
-            "prompt_index": [index[item.prompt] for item in items],
-            "label": [item.label for item in items],
-            "latent_height": [latents[item.row, "chosen"].shape[1] for item in items],
-            "latent_width": [latents[item.row, "chosen"].shape[2] for item in items],
-            "chosen_latents": [latents[item.row, "chosen"].ravel() for item in items],
-            "rejected_latents": [latents[item.row, "rejected"].ravel() for item in items],
+            "row": list(rows),
+            "prompt": list(prompts),
+            "prompt_index": [index[prompt] for prompt in prompts],
+            "label": list(labels),
+            "latent_height": [z.shape[1] for z in chosen],
+            "latent_width": [z.shape[2] for z in chosen],
+            "chosen_latents": [z.ravel() for z in chosen],
+            "rejected_latents": [z.ravel() for z in rejected],
         }
         features = {
             "row": Value("int64"),

@@ -31,6 +31,7 @@ from ..safe_files import full_disk_explained
 from .arguments import DiNaTrainingArguments
 from .caching import cache_preference_dataset, load_cached_preferences
 from .checkpoints import claim_output_dir, latest_complete_checkpoint
+from .released_data import import_released_data
 from .trainer import DiNaTrainer
 
 _SECTIONS = {"model", "data", "training"}
@@ -159,7 +160,12 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
         description="Cache preference pairs as VAE latents and prompt embeddings (resumable; reruns skip done shards).",
     )
     parser.add_argument("source", help="Hub id, local file or folder, as for `modeling_dina.data` adapters")
-    parser.add_argument("--format", required=True, help="adapter name, e.g. pickapic, hpdv3, pairs, groups")
+    parser.add_argument(
+        "--format",
+        required=True,
+        help="adapter name, e.g. pickapic, hpdv3, pairs, groups; or `released` for the DiNa-LRM authors' "
+        "preprocessed parquet latents (source: a file, folder or glob; their latents are kept, prompts encoded)",
+    )
     parser.add_argument("--base", required=True, help="base pipeline folder or Hub id (its VAE and text encoders)")
     parser.add_argument("--output", required=True, help="cache folder")
     parser.add_argument("--split", default=None)
@@ -171,25 +177,24 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", type=int, default=1000, help="pairs per resumable shard")
     parser.add_argument("--storage-dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--device", default=None, help="device of the encoders, e.g. cuda")
+    parser.add_argument("--index", default=None, help="with --format released: their bucket_index.csv of rows to use")
     parser.set_defaults(func=run_cache)
     return parser
 
 
 def run_cache(args: argparse.Namespace) -> None:
+    options = dict(batch_size=args.batch_size, max_sequence_length=args.max_sequence_length, device=args.device)
+    options.update(shard_size=args.shard_size, storage_dtype=args.storage_dtype)
+    if args.format == "released":
+        cached = import_released_data(args.source, args.base, args.output, index=args.index, **options)
+        print(f"imported {len(cached)} pairs into {args.output}")
+        return
+    if args.index is not None:
+        raise SystemExit("--index is for --format released (the authors' bucket_index.csv)")
     dataset = load_preference_data(args.source, format=args.format, split=args.split, image_root=args.image_root)
     if "images" in dataset.column_names:
         dataset = groups_to_pairs(dataset, include_ties=args.include_ties)
-    cached = cache_preference_dataset(
-        dataset,
-        args.base,
-        args.output,
-        batch_size=args.batch_size,
-        max_sequence_length=args.max_sequence_length,
-        resolution=args.resolution,
-        shard_size=args.shard_size,
-        storage_dtype=args.storage_dtype,
-        device=args.device,
-    )
+    cached = cache_preference_dataset(dataset, args.base, args.output, resolution=args.resolution, **options)
     print(f"cached {len(cached)} of {len(dataset)} pairs in {args.output}")
 
 
