@@ -7,11 +7,18 @@ Wire into the `dina` entry point with `add_score_parser(subparsers)`; each sub-c
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import os
+import shutil
+from contextlib import ExitStack, contextmanager
 
 import torch
+
+from .safe_files import exclusive_lock, full_disk_explained, write_json_atomic
+
+JOB_NAME = "job.json"
 
 SCORE_HELP = "score image files against a prompt"
 DATASET_HELP = "score a datasets dataset (local folder, saved dataset or Hub id) into new columns"
@@ -36,6 +43,9 @@ def add_score_parser(subparsers) -> None:
     dataset.add_argument("--score-column", default="dina_score", help="new column for the normalised score")
     dataset.add_argument(
         "--output", required=True, help="where to write: a folder (save_to_disk) or a .parquet/.jsonl/.csv file"
+    )
+    dataset.add_argument(
+        "--shard-size", type=int, default=512, help="rows per shard (the unit written as it goes and resumed)"
     )
     dataset.set_defaults(func=run_score_dataset)
 
@@ -98,13 +108,16 @@ def run_score(args) -> None:
 
 
 def run_score_dataset(args) -> None:
-    """`dina score-dataset`: each process scores a contiguous block of rows; the main process gathers the blocks in
-    rank order (the dataset's order), adds the reward and score columns and writes `--output`."""
+    """`dina score-dataset` as a resumable job. Rows are scored in shards of `--shard-size` (shard `i` by process
+    `i % world_size`), each written atomically to `<output>.parts/` as it is done; a rerun skips the shards already
+    there. A row whose image or prompt cannot be read is skipped and listed with its dataset row in
+    `<output>.skipped_rows.json`. Once every shard is in, the main process writes `--output` through a temporary
+    file renamed into place (complete or absent) and removes the parts."""
     from accelerate import PartialState
-    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    # Without an accelerator, accelerate runs CPU processes launched by torchrun as one each unless told `cpu=True`.
+    state = PartialState(cpu=not torch.accelerator.is_available())
     dataset = _load_dataset(args.dataset, args.split)
     for column in (args.image_column, args.prompt_column):
         if column not in dataset.column_names:
@@ -112,33 +125,174 @@ def run_score_dataset(args) -> None:
     for column in (args.reward_column, args.score_column):
         if column in dataset.column_names:
             raise ValueError(f"the dataset already has a column {column!r}: choose another name.")
-    pipe = _load_pipeline(args, state.device)
-    pipe.set_progress_bar_config(disable=True)
-    root = args.dataset if os.path.isdir(args.dataset) else None
-    rewards, scores = [], []
-    with state.split_between_processes(list(range(len(dataset)))) as rows:
-        block = dataset.select_columns([args.image_column, args.prompt_column]).select(rows)
-        starts = range(0, len(block), args.batch_size)
-        for start in tqdm(starts, disable=not state.is_local_main_process, desc="scoring"):
-            batch = block[start : start + args.batch_size]
-            images = [
-                _image_cell(cell, root, f"{args.image_column}[{rows[start + i]}]")
-                for i, cell in enumerate(batch[args.image_column])
-            ]
-            out = pipe(
-                list(batch[args.prompt_column]),
-                images=images,
-                noise_level=args.noise_level,
-                noise_levels=args.noise_levels,
-                batch_size=args.batch_size,
-            )
-            rewards += out.rewards.tolist()
-            scores += out.scores.tolist()
-    rewards, scores = gather_object(rewards), gather_object(scores)
-    if state.is_main_process:
-        dataset = dataset.add_column(args.reward_column, rewards).add_column(args.score_column, scores)
-        _save_dataset(dataset, args.output)
+    if args.shard_size < 1 or args.batch_size < 1:
+        raise ValueError(f"`--shard-size` and `--batch-size` must be >= 1, got {args.shard_size}, {args.batch_size}.")
+    output, parts = os.path.abspath(args.output), os.path.abspath(args.output) + ".parts"
+    num_shards = max(1, -(-len(dataset) // args.shard_size))
+    with _claim_job(state, output, parts, _job_settings(args, dataset)):
+        todo = [i for i in range(state.process_index, num_shards, state.num_processes) if not _shard_done(parts, i)]
+        if todo:
+            pipe = _load_pipeline(args, state.device)
+            pipe.set_progress_bar_config(disable=True)
+            columns = dataset.select_columns([args.image_column, args.prompt_column])
+            root = args.dataset if os.path.isdir(args.dataset) else None
+            advice = "free space and rerun the same command: the shards already written are kept"
+            with full_disk_explained(parts, advice):
+                for shard in tqdm(todo, disable=not state.is_local_main_process, desc="scoring shards"):
+                    rows = range(shard * args.shard_size, min(len(dataset), (shard + 1) * args.shard_size))
+                    write_json_atomic(_shard_path(parts, shard), _score_rows(pipe, columns, rows, root, args))
+        state.wait_for_everyone()
+        if state.is_main_process:
+            with full_disk_explained(output, "free space and rerun the same command: every shard is kept"):
+                _write_output(dataset, parts, num_shards, output, args)
     state.wait_for_everyone()
+
+
+def _job_settings(args, dataset) -> dict:
+    """What a shard depends on: a rerun with other settings would mix results, so it is refused."""
+    names = ("model", "base_model", "split", "image_column", "prompt_column", "noise_level", "noise_levels")
+    return {
+        **{name: getattr(args, name) for name in names},
+        "dataset": os.path.abspath(args.dataset) if os.path.exists(args.dataset) else args.dataset,
+        "num_rows": len(dataset),
+        "fingerprint": getattr(dataset, "_fingerprint", None),
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
+        "dtype": args.dtype,
+    }
+
+
+@contextmanager
+def _claim_job(state, output: str, parts: str, settings: dict):
+    """On the main process: refuse an existing output, check the output's folder is writable before anything is
+    scored (by creating the parts folder there), lock it for this job and check an earlier run's settings."""
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        yield
+        return
+    if os.path.exists(output):
+        raise FileExistsError(f"`--output` {output!r} already exists: remove it or choose another path.")
+    with ExitStack() as stack:
+        try:
+            os.makedirs(parts, exist_ok=True)
+            stack.enter_context(exclusive_lock(parts, "a `dina score-dataset` job"))
+        except PermissionError as err:
+            raise PermissionError(f"cannot write next to `--output` {output!r} ({err}); nothing was scored.") from err
+        info = _read_json(os.path.join(parts, JOB_NAME))
+        if info is not None and info != settings:
+            changed = sorted(k for k in settings if info.get(k) != settings[k])
+            raise ValueError(
+                f"{parts!r} holds an unfinished job with other settings ({', '.join(changed)} differ): rerun it with "
+                "those settings, or delete the folder to start over."
+            )
+        write_json_atomic(os.path.join(parts, JOB_NAME), settings)
+        state.wait_for_everyone()
+        yield
+
+
+def _score_rows(pipe, columns, rows: range, root: str | None, args) -> dict:
+    """Rewards and scores of `rows`, `--batch-size` at a time; a row whose image or prompt cannot be read, or that
+    fails alone in the pipeline, is listed as skipped with its dataset row and the error."""
+    result = {"rows": [], "rewards": [], "scores": [], "skipped": []}
+    for start in range(rows.start, rows.stop, args.batch_size):
+        batch = columns[start : min(rows.stop, start + args.batch_size)]
+        items = []
+        for row, cell, prompt in zip(range(start, rows.stop), batch[args.image_column], batch[args.prompt_column]):
+            try:
+                items.append((row, _open_image(cell, root, f"{args.image_column}[{row}]"), _prompt(prompt, row, args)))
+            except Exception as err:  # any unreadable row: report it with its dataset row, never drop it silently
+                result["skipped"].append({"row": row, "error": f"{type(err).__name__}: {err}"})
+        if items:
+            _score_items(pipe, items, args, result)
+    result["skipped"].sort(key=lambda entry: entry["row"])
+    return result
+
+
+def _score_items(pipe, items: list, args, result: dict) -> None:
+    """Score `(row, image, prompt)` items in one pipeline call; when it fails, row by row, so only the rows that fail
+    alone are skipped (when every row of the batch fails alone, the fault is not in the rows: it is raised)."""
+    try:
+        out = pipe(
+            [prompt for _, _, prompt in items],
+            images=[image for _, image, _ in items],
+            noise_level=args.noise_level,
+            noise_levels=args.noise_levels,
+            batch_size=args.batch_size,
+        )
+    except Exception as err:
+        if len(items) == 1:
+            result["skipped"].append({"row": items[0][0], "error": f"{type(err).__name__}: {err}"})
+            return
+        skipped = len(result["skipped"])
+        for item in items:
+            _score_items(pipe, [item], args, result)
+        if len(result["skipped"]) - skipped == len(items):
+            raise
+        return
+    result["rows"] += [row for row, _, _ in items]
+    result["rewards"] += out.rewards.tolist()
+    result["scores"] += out.scores.tolist()
+
+
+def _open_image(cell, root: str | None, where: str):
+    """A dataset image cell decoded fully (so a broken file fails here, on its row): a PIL image."""
+    import PIL.Image
+
+    source = _image_cell(cell, root, where)
+    if isinstance(source, str):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"`{where}`: no such file {source!r}")
+        source = PIL.Image.open(source)
+    if isinstance(source, PIL.Image.Image):
+        source.load()
+    return source
+
+
+def _prompt(prompt, row: int, args) -> str:
+    if not isinstance(prompt, str):
+        raise TypeError(f"`{args.prompt_column}[{row}]` is {prompt!r}, not a string")
+    return prompt
+
+
+def _write_output(dataset, parts: str, num_shards: int, output: str, args) -> None:
+    """Gather the shards in row order, write `--output` and the skipped rows atomically, then remove the parts."""
+    missing = [i for i in range(num_shards) if not _shard_done(parts, i)]
+    if missing:
+        raise RuntimeError(f"shards {missing[:5]} of {parts!r} are missing: rerun the same command to finish them.")
+    shards = [_read_json(_shard_path(parts, i)) for i in range(num_shards)]
+    rows = [row for shard in shards for row in shard["rows"]]
+    skipped = [entry for shard in shards for entry in shard["skipped"]]
+    scored = dataset.select(rows)
+    scored = scored.add_column(args.reward_column, [r for shard in shards for r in shard["rewards"]])
+    scored = scored.add_column(args.score_column, [s for shard in shards for s in shard["scores"]])
+    folder, name = os.path.split(output)
+    for stale in glob.glob(os.path.join(glob.escape(folder), f".tmp-*-{glob.escape(name)}")):  # a killed write
+        if os.path.isdir(stale):
+            shutil.rmtree(stale)
+        else:
+            os.remove(stale)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
+    _save_dataset(scored, tmp)
+    write_json_atomic(f"{output}.skipped_rows.json", skipped)
+    os.replace(tmp, output)
+    shutil.rmtree(parts)
+    note = f"; {len(skipped)} skipped (unreadable), listed in {output}.skipped_rows.json" if skipped else ""
+    print(f"scored {len(rows)} of {len(dataset)} rows into {output}{note}")
+
+
+def _shard_path(parts: str, shard: int) -> str:
+    return os.path.join(parts, f"shard-{shard:05d}.json")
+
+
+def _shard_done(parts: str, shard: int) -> bool:
+    return os.path.isfile(_shard_path(parts, shard))
+
+
+def _read_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _load_dataset(source: str, split: str | None):

@@ -149,7 +149,7 @@ args.func(args)
 
 @pytest.mark.slow
 def test_cli_score_dataset_two_processes(tiny_dina_dir, tmp_path):
-    """Under torchrun each process scores its block; the gathered column equals a single-process run, row by row."""
+    """Under torchrun each process scores its shards; the gathered column equals a single-process run, row by row."""
     images = [Image.fromarray(image) for image in _images(5, seed=3)]
     prompts = [PROMPT, "a cat", PROMPT, "a dog", "two cats"]
     source = tmp_path / "source"
@@ -158,7 +158,8 @@ def test_cli_score_dataset_two_processes(tiny_dina_dir, tmp_path):
     ).save_to_disk(source)
     script = tmp_path / "dina_cli.py"
     script.write_text(SCRIPT)
-    command = ["score-dataset", "--model", tiny_dina_dir, "--dataset", str(source), "--batch-size", "2", "--output"]
+    command = ["score-dataset", "--model", tiny_dina_dir, "--dataset", str(source), "--batch-size", "2"]
+    command += ["--shard-size", "2", "--output"]  # shards 0 and 2 on process 0, shard 1 on process 1
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     for runner, output in ((launcher, "two"), ([sys.executable], "one")):
