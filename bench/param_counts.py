@@ -1,7 +1,8 @@
 """Parameter counts of a DiNa config (built on the `meta` device: no memory, no download) and the size on disk of
 its saved LoRA + head, in fp32 and bf16.
 
-    python bench/param_counts.py hub_configs/dina-sd35m-12layers
+    python bench/param_counts.py hub_configs/dina-sd35m-12layers   # also dina-flux1dev-19layers,
+                                                                    # dina-zimage-turbo-16layers, dina-qwenimage-20layers
 """
 
 import argparse
@@ -25,16 +26,14 @@ def main():
     total = sum(p.numel() for p in model.parameters())
     print(f"| part | parameters |\n|---|---:|\n| frozen base (kept blocks + embedders) | {total - lora - head:,} |")
     print(f"| LoRA | {lora:,} |\n| reward head | {head:,} |\n| total | {total:,} |")
-    # Materialise only what save_pretrained writes (LoRA + head) to measure the real file size.
-    model.to_empty(device="cpu")
+    # Materialise only what save_pretrained writes (LoRA + head), never the frozen base, to measure the real file size.
     for dtype in (torch.float32, torch.bfloat16):
-        state = {k: v.to(dtype).contiguous() for k, v in model.trainable_state_dict().items()}
+        state = {k: torch.zeros(v.shape, dtype=dtype) for k, v in model.trainable_state_dict().items()}
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.safetensors")
             save_file(state, path)
             print(f"saved LoRA + head, {str(dtype).removeprefix('torch.')}: {os.path.getsize(path) / 2**20:,.1f} MiB")
         del state
-
 
 if __name__ == "__main__":
     main()

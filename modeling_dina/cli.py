@@ -8,9 +8,9 @@ import argparse
 def _add_convert(subparsers):
     p = subparsers.add_parser("convert", help="import a checkpoint in the authors' released layout")
     p.add_argument("released_dir", help="folder with config.json and checkpoint/{backbone_lora,rm_head.pt}")
-    p.add_argument("--base", required=True, help="diffusers SD3 pipeline folder or Hub id of the backbone's base")
+    p.add_argument("--base", required=True, help="diffusers pipeline folder or Hub id of the base (SD3, FLUX, Z-Image)")
     p.add_argument("--output", required=True, help="where to write the DiNa folder")
-    p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the release's 128)")
+    p.add_argument("--max-sequence-length", type=int, default=None, help="prompt tokens (default: the release's 128)")
     p.set_defaults(func=_run_convert)
 
 

@@ -1,4 +1,9 @@
-"""Import of the authors' released checkpoint layout (SPEC §5) into a `DiNaRewardModel` folder.
+"""Import of the released checkpoint layout (SPEC §5) into a `DiNaRewardModel` folder.
+
+The authors' SD3.5-M, FLUX.1-dev and Z-Image-Turbo reward models are written by one training engine, so they share
+this layout; their LoRA keys are relative to a backbone module holding the same names as ours (`transformer_blocks`
+for SD3 and FLUX, `layers`, `noise_refiner` and `context_refiner` for Z-Image). Their FLUX code feeds the time
+embedding unscaled (`sigma`, guidance 3.5), so FLUX checkpoints are imported with `unscaled_time_embedding=True`.
 
 Released layout::
 
@@ -17,6 +22,7 @@ import re
 import torch
 from safetensors.torch import load_file
 
+from .backbones import backbone_type_for, read_transformer_class, resolve_base_folder
 from .modeling_dina import DiNaRewardModel, _check_keys
 
 LORA_DIR = os.path.join("checkpoint", "backbone_lora")
@@ -46,6 +52,8 @@ def released_config_to_kwargs(released: dict) -> dict:
         "head_use_proj_in": head.get("use_proj_in", False),
         "use_logistic": bool(model.get("use_logistic", False)),
     }
+    if head.get("t_emb_dim", -1) > 0:
+        kwargs["head_temb_dim"] = head["t_emb_dim"]
     if use_lora:
         kwargs.update(
             lora_rank=lora.get("r", 64),
@@ -71,6 +79,12 @@ def _load_head(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _base_family(base, subfolder: str = "transformer") -> str:
+    if isinstance(base, str):
+        return backbone_type_for(read_transformer_class(resolve_base_folder(base, subfolder)))
+    return backbone_type_for(type(base))
+
+
 def _load_lora(path: str, num_layers: int) -> dict[str, torch.Tensor]:
     state = load_file(path)
     converted = {}
@@ -78,7 +92,7 @@ def _load_lora(path: str, num_layers: int) -> dict[str, torch.Tensor]:
         if not key.startswith(PEFT_PREFIX):
             raise KeyError(f"{path!r}: key {key!r} does not start with {PEFT_PREFIX!r}.")
         key = key[len(PEFT_PREFIX) :]
-        block = re.match(r"transformer_blocks\.(\d+)\.", key)
+        block = re.match(r"(?:transformer_blocks|layers)\.(\d+)\.", key)
         if block and int(block.group(1)) >= num_layers:
             raise KeyError(
                 f"{path!r}: key {key!r} is for block {block.group(1)}, but the config keeps {num_layers} blocks: "
@@ -96,15 +110,20 @@ def convert_released_checkpoint(
     dtype: torch.dtype | None = None,
     **config_overrides,
 ) -> DiNaRewardModel:
-    """Build the released model on `base` (a diffusers SD3 folder, Hub id or loaded transformer), load its LoRA and
-    head, and (if `output_dir` is given) save it as a DiNa folder that `DiNaRewardModel.from_pretrained` loads."""
+    """Build the released model on `base` (a diffusers SD3, FLUX or Z-Image pipeline folder, Hub id or loaded
+    transformer), load its LoRA and head, and (if `output_dir` is given) save it as a DiNa folder that
+    `DiNaRewardModel.from_pretrained` loads."""
     config_path = _require(os.path.join(released_dir, "config.json"))
     lora_config_path = os.path.join(released_dir, LORA_DIR, "adapter_config.json")
     lora_path = os.path.join(released_dir, LORA_DIR, "adapter_model.safetensors")
     head_path = _require(os.path.join(released_dir, HEAD_FILE))
     with open(config_path) as f:
         released = json.load(f)
-    kwargs = {**released_config_to_kwargs(released), **config_overrides}
+    kwargs = released_config_to_kwargs(released)
+    head_temb_dim = kwargs.pop("head_temb_dim", None)
+    if _base_family(base) == "flux":
+        kwargs["unscaled_time_embedding"] = True  # how the authors' FLUX reward code embeds sigma and guidance
+    kwargs.update(config_overrides)
     if kwargs["use_lora"]:
         with open(_require(lora_config_path)) as f:
             adapter = json.load(f)
@@ -116,6 +135,11 @@ def convert_released_checkpoint(
                 )
 
     model = DiNaRewardModel.from_base(base, dtype=dtype, **kwargs)
+    if head_temb_dim is not None and head_temb_dim != model.backbone.temb_dim:
+        raise ValueError(
+            f"the released head reads a time embedding of width {head_temb_dim}; the {model.config.backbone_type} "
+            f"backbone gives {model.backbone.temb_dim}: the checkpoint is for another base."
+        )
     head = {f"reward_head.{k}": v for k, v in _load_head(head_path).items()}
     if model.config.use_logistic:
         raise NotImplementedError("the released checkpoint enables `use_logistic`, whose parameters it does not ship.")

@@ -67,3 +67,32 @@ def test_hub_configs_build_on_meta():
     assert counts["head"] == 139_296_003
     tiny = DiNaConfig.from_pretrained("hub_configs/tiny")
     assert tiny.num_backbone_layers == 2 and tiny.token_dim == 32
+
+
+@pytest.mark.parametrize(
+    "name, family, lora",
+    [
+        # 19 double-stream blocks x 8 attention projections x r64 x (3072 in + 3072 out)
+        ("dina-flux1dev-19layers", "flux", 19 * 8 * 64 * (3072 + 3072)),
+        # (16 layers + 2 noise + 2 context refiners) x to_q/k/v/out.0 x r32 x (3840 + 3840)
+        ("dina-zimage-turbo-16layers", "zimage", 20 * 4 * 32 * (3840 + 3840)),
+        ("dina-qwenimage-20layers", "qwenimage", 20 * 8 * 64 * (3072 + 3072)),
+    ],
+)
+def test_family_hub_configs_build_on_meta(name, family, lora):
+    config = DiNaConfig.from_pretrained(f"hub_configs/{name}")
+    assert config.backbone_type == family and config.head_use_proj_in and config.resolved_head_width == 1536
+    with torch.device("meta"):
+        model = DiNaRewardModel(config)
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == lora
+    adapter = model.reward_head.layer_adapters_visual[0]
+    assert adapter.proj_in.in_features == config.token_dim and adapter.proj_in.out_features == 1536
+    assert adapter.cond_mlp[0].in_features == (256 if family == "zimage" else 3072)
+    if family == "flux":  # the head by hand: 8 FiLM adapters 3072 -> 1536, aggregation, queries, attention, FFN, out
+        film = (3072 * 1536 + 1536) + 1536 + 2 * (3072 * 3072 + 3072) + (1536 * 384 + 384)
+        linear = 1536 * 1536 + 1536
+        gates = 2 * (linear + 1536 + 1)
+        attention = 3 * 1536 + 6 * linear + gates + 2 * 1536 + 4 * linear
+        ffn = 1536 + (1536 * 6144 + 6144) + (6144 * 1536 + 1536)
+        head = 8 * film + 2 * linear + 4 * 1536 + attention + ffn + 1537
+        assert sum(p.numel() for p in model.reward_head.parameters()) == head == 245_492_739

@@ -13,14 +13,14 @@ from modeling_dina.convert import convert_released_checkpoint
 from modeling_dina.tiny_sd3 import TINY_DINA
 
 
-def write_released(model, folder, base_id="tiny"):
+def write_released(model, folder, base_id="tiny", layers=([1, 2], [1, 2]), **head_options):
     """A checkpoint in the authors' layout, written with their key names."""
     os.makedirs(os.path.join(folder, "checkpoint", "backbone_lora"))
     config = {
         "model": {
             "num_transformer_layers": 2,
-            "visual_head_idx": [1, 2],
-            "text_head_idx": [1, 2],
+            "visual_head_idx": layers[0],
+            "text_head_idx": layers[1],
             "use_lora": True,
             "lora_config": {"r": 4, "lora_alpha": 8, "init_lora_weights": "gaussian"},
             "reward_head": {
@@ -30,6 +30,7 @@ def write_released(model, folder, base_id="tiny"):
                 "num_queries": 4,
                 "num_attn_heads": 4,
                 "dropout": 0.0,
+                **head_options,
             },
             "use_logistic": False,
             "freeze_backbone": False,
@@ -162,3 +163,36 @@ def test_pickled_code_is_refused(source, tiny_sd3_dir, tmp_path):
     torch.save({"head.weight": Evil()}, os.path.join(released, "checkpoint", "rm_head.pt"))
     with pytest.raises(ValueError, match="weights_only=True"):
         convert_released_checkpoint(released, tiny_sd3_dir)
+
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_the_authors_flux_and_zimage_layouts_convert(family, tmp_path):
+    """Same layout, their key names (`transformer_blocks` / `layers`, `noise_refiner`, `context_refiner`); FLUX
+    imports with the unscaled time embedding their code trained with."""
+    from modeling_dina.tiny_families import TINY_FAMILY_DINA, TINY_PROMPT_WIDTHS, build_tiny_transformer
+
+    base = tmp_path / "base"
+    build_tiny_transformer(family).save_pretrained(base / "transformer")
+    source = DiNaRewardModel.from_base(str(base), unscaled_time_embedding=family == "flux", **TINY_FAMILY_DINA)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in source.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    head = {"use_proj_in": True, "width": 16, **({"t_emb_dim": 32} if family == "zimage" else {})}
+    write_released(source, tmp_path / "released", layers=([0, 1, 2], [1, 2]), **head)
+    converted = convert_released_checkpoint(str(tmp_path / "released"), str(base), str(tmp_path / "out"))
+    assert converted.config.unscaled_time_embedding == (family == "flux")
+    if family == "zimage":
+        assert any(k.startswith("backbone.noise_refiner.") for k in converted.trainable_state_dict())
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 12, TINY_PROMPT_WIDTHS[family], generator=g)
+    pooled = torch.randn(2, 16, generator=g) if family == "flux" else None
+    with torch.no_grad():
+        expected = source.eval()(latents, torch.tensor(400.0), text, pooled).rewards
+        loaded = DiNaRewardModel.from_pretrained(tmp_path / "out")
+        assert torch.equal(loaded(latents, torch.tensor(400.0), text, pooled).rewards, expected)
+    if family == "zimage":
+        write_released(source, tmp_path / "wrong", layers=([0, 1, 2], [1, 2]), **{**head, "t_emb_dim": 256})
+        with pytest.raises(ValueError, match="time embedding of width 256"):
+            convert_released_checkpoint(str(tmp_path / "wrong"), str(base))
