@@ -1,8 +1,8 @@
 """Parameter counts of a DiNa config (built on the `meta` device: no memory, no download) and the size on disk of
 its saved LoRA + head, in fp32 and bf16.
 
-    python bench/param_counts.py hub_configs/dina-sd35m-12layers   # also dina-flux1dev-19layers,
-                                                                    # dina-zimage-turbo-16layers, dina-qwenimage-20layers
+    python bench/param_counts.py hub_configs/dina-sd35m-12layers
+    (also hub_configs/dina-flux1dev-19layers, dina-zimage-turbo-16layers, dina-qwenimage-20layers)
 """
 
 import argparse
@@ -34,6 +34,7 @@ def main():
             save_file(state, path)
             print(f"saved LoRA + head, {str(dtype).removeprefix('torch.')}: {os.path.getsize(path) / 2**20:,.1f} MiB")
         del state
+
 
 if __name__ == "__main__":
     main()
