@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,9 +38,12 @@ from .backbones import (
 from .configuration_dina import DiNaConfig
 from .noise import NoiseGrid
 from .reward_head import DiNaRewardHead
+from .safe_files import fsync_path, write_json_atomic
 
 ADAPTER_NAME = "dina_reward"
 WEIGHTS_NAME = "model.safetensors"
+MANIFEST_NAME = "save_manifest.json"
+TMP_SAVE_PREFIX = ".tmp-save-"
 
 
 @dataclass
@@ -317,23 +322,31 @@ class DiNaRewardModel(PreTrainedModel):
         **kwargs,
     ) -> None:
         """Write `config.json` + `model.safetensors` holding only LoRA + head (megabytes; the base is named in the
-        config), or with `merged=True` a self-contained folder (LoRA folded into the kept blocks). Files are written
-        to a temporary folder first, so an interrupted save leaves nothing half-written."""
+        config), or with `merged=True` a self-contained folder (LoRA folded into the kept blocks).
+
+        Files are written to a temporary folder, then moved in: `save_manifest.json` first (naming a fresh save id,
+        also stored in the weights' header), the weights last. Until the last move the weights disagree with the
+        manifest and `from_pretrained` refuses the folder, so a save interrupted over an existing model never loads
+        as a mix of the two. Temporary folders left by a killed save are removed."""
         if not is_main_process:
             return
         save_directory = str(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` {save_directory!r} is a file, not a folder.")
         os.makedirs(save_directory, exist_ok=True)
+        for name in os.listdir(save_directory):
+            if name.startswith(TMP_SAVE_PREFIX):
+                shutil.rmtree(os.path.join(save_directory, name), ignore_errors=True)
         config = DiNaConfig(**self.config.to_dict())
         if merged or self.config.base_weights_included:
             state, config.use_lora, config.base_weights_included = self.merged_state_dict(), False, True
         else:
             state = self.trainable_state_dict()
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-save-") as tmp:
+        save_id = uuid.uuid4().hex
+        with tempfile.TemporaryDirectory(dir=save_directory, prefix=TMP_SAVE_PREFIX) as tmp:
             config.save_pretrained(tmp)
-            save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", "save_id": save_id})
             if self._auto_class is not None:
                 custom_object_save(self, tmp, config=config)
                 with open(os.path.join(tmp, "config.json")) as f:
@@ -344,8 +357,11 @@ class DiNaRewardModel(PreTrainedModel):
                 }
                 with open(os.path.join(tmp, "config.json"), "w") as f:
                     json.dump(saved, f, indent=2, sort_keys=True)
-            for name in os.listdir(tmp):
+            write_json_atomic(os.path.join(tmp, MANIFEST_NAME), {"save_id": save_id, "weights": WEIGHTS_NAME})
+            others = sorted(set(os.listdir(tmp)) - {MANIFEST_NAME, WEIGHTS_NAME})
+            for name in [MANIFEST_NAME, *others, WEIGHTS_NAME]:
                 os.replace(os.path.join(tmp, name), os.path.join(save_directory, name))
+            fsync_path(save_directory)
         if push_to_hub:
             self.push_to_hub(kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory))), **kwargs)
 
@@ -375,6 +391,7 @@ class DiNaRewardModel(PreTrainedModel):
             dtype = getattr(torch, dtype)
         dtype = None if dtype == "auto" else dtype
         folder = _resolve_model_folder(str(pretrained_model_name_or_path), subfolder, revision)
+        _check_manifest(folder)
         try:
             config = DiNaConfig.from_pretrained(folder, **kwargs)
         except StrictDataclassError as err:  # types, ranges, size limits: name the file as well as the key
@@ -434,6 +451,26 @@ def resolve_base(base: str, model_folder: str) -> str:
 
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _check_manifest(folder: str) -> None:
+    """Refuse a folder whose weights are not those its `save_manifest.json` names (a save over it was interrupted).
+    Folders without a manifest (written before it existed, or by other tools) load as before."""
+    path = os.path.join(folder, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        manifest = json.load(f)
+    weights = os.path.join(folder, manifest.get("weights", WEIGHTS_NAME))
+    found = None
+    if os.path.isfile(weights):
+        with safe_open(weights, framework="pt") as f:
+            found = (f.metadata() or {}).get("save_id")
+    if found != manifest.get("save_id"):
+        raise ValueError(
+            f"{folder!r} holds parts of two saves: its weights are not those {MANIFEST_NAME} names (a save over it "
+            "was interrupted). Save the model there again."
+        )
 
 
 def _read_header(path: str) -> dict[str, torch.Tensor]:

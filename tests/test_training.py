@@ -444,8 +444,9 @@ def test_push_uploads_lora_head_config_and_card(tiny_sd3_dir, train_set, tmp_pat
     trainer.save_model()
     trainer.create_model_card(model_name="me/dina-tiny", dataset="me/pairs", eval_dataset="me/held-out")
     backbones = ["backbones.py", *(f"backbone_{name}.py" for name in ("base", "flux", "qwenimage", "sd3", "zimage"))]
-    code = [*backbones, "configuration_dina.py", "modeling_dina.py", "noise.py", "reward_head.py"]
-    expected = sorted(["README.md", "config.json", "model.safetensors", "training_args.bin", *code])
+    code = [*backbones, "configuration_dina.py", "modeling_dina.py", "noise.py", "reward_head.py", "safe_files.py"]
+    saved = ["config.json", "model.safetensors", "save_manifest.json"]
+    expected = sorted(["README.md", *saved, "training_args.bin", *code])
     assert files_to_upload(tmp_path / "out", TRAINER_IGNORE_PATTERNS) == expected
 
     card = ModelCard.load(tmp_path / "out" / "README.md").data
@@ -456,7 +457,7 @@ def test_push_uploads_lora_head_config_and_card(tiny_sd3_dir, train_set, tmp_pat
     assert metrics["eval_accuracy_ensemble"] == trainer.state.log_history[-2]["eval_accuracy_ensemble"]
 
     folder = prepare_upload_folder(trainer.model, tmp_path / "upload", repo_id="me/dina-tiny", datasets=["me/pairs"])
-    assert files_to_upload(folder) == sorted(["README.md", "config.json", "model.safetensors", *code])
+    assert files_to_upload(folder) == sorted(["README.md", *saved, *code])
     assert 'from_pretrained("me/dina-tiny"' in (tmp_path / "upload" / "README.md").read_text()
     loaded = DiNaRewardModel.from_pretrained(folder)
     batch = PreferenceCollator()([train_set[0]])

@@ -16,9 +16,12 @@ from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
 from ..configuration_dina import DiNaConfig
+from ..modeling_dina import TMP_SAVE_PREFIX
 
 TRAINER_IGNORE_PATTERNS = ("_*", "checkpoint-*")
 """What `Trainer.push_to_hub` leaves out of its output folder."""
+UPLOAD_IGNORE_PATTERNS = (f"{TMP_SAVE_PREFIX}*", f"*/{TMP_SAVE_PREFIX}*")
+"""Never uploaded: the temporary folders of `DiNaRewardModel.save_pretrained`."""
 
 TAGS = ("dina-lrm", "reward-model", "preference-learning", "diffusion", "text-to-image")
 
@@ -129,10 +132,12 @@ def prepare_upload_folder(model, folder: str | os.PathLike, **card_kwargs) -> st
 
 
 def files_to_upload(folder: str | os.PathLike, ignore_patterns: Sequence[str] = ()) -> list[str]:
-    """The files (relative POSIX paths) `HfApi.upload_folder(folder, ignore_patterns=...)` would upload."""
+    """The files (relative POSIX paths) `HfApi.upload_folder(folder, ignore_patterns=...)` would upload; temporary
+    folders of a save (`.tmp-save-*`, left by a killed one) are always left out."""
     root = Path(folder)
     paths = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
-    return list(filter_repo_objects(paths, ignore_patterns=[*ignore_patterns, *DEFAULT_IGNORE_PATTERNS]))
+    ignore = [*ignore_patterns, *DEFAULT_IGNORE_PATTERNS, *UPLOAD_IGNORE_PATTERNS]
+    return list(filter_repo_objects(paths, ignore_patterns=ignore))
 
 
 def push_model_to_hub(
@@ -155,6 +160,7 @@ def push_model_to_hub(
 
 __all__ = [
     "TRAINER_IGNORE_PATTERNS",
+    "UPLOAD_IGNORE_PATTERNS",
     "files_to_upload",
     "make_model_card",
     "prepare_upload_folder",
