@@ -391,7 +391,6 @@ class DiNaRewardModel(PreTrainedModel):
             dtype = getattr(torch, dtype)
         dtype = None if dtype == "auto" else dtype
         folder = _resolve_model_folder(str(pretrained_model_name_or_path), subfolder, revision)
-        _check_manifest(folder)
         try:
             config = DiNaConfig.from_pretrained(folder, **kwargs)
         except StrictDataclassError as err:  # types, ranges, size limits: name the file as well as the key
@@ -405,6 +404,7 @@ class DiNaRewardModel(PreTrainedModel):
                 else ""
             )
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder!r}.{hint}")
+        _check_manifest(folder, weights)
         # The config is validated (types, ranges, size limits); the file's header must match it before a weight is
         # read or a module allocated: the model is built on `meta` (no memory) to know what to expect.
         header = _read_header(weights)
@@ -453,7 +453,7 @@ def resolve_base(base: str, model_folder: str) -> str:
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
-def _check_manifest(folder: str) -> None:
+def _check_manifest(folder: str, weights: str) -> None:
     """Refuse a folder whose weights are not those its `save_manifest.json` names (a save over it was interrupted).
     Folders without a manifest (written before it existed, or by other tools) load as before."""
     path = os.path.join(folder, MANIFEST_NAME)
@@ -461,15 +461,16 @@ def _check_manifest(folder: str) -> None:
         return
     with open(path) as f:
         manifest = json.load(f)
-    weights = os.path.join(folder, manifest.get("weights", WEIGHTS_NAME))
-    found = None
-    if os.path.isfile(weights):
+    try:
         with safe_open(weights, framework="pt") as f:
             found = (f.metadata() or {}).get("save_id")
+    except Exception as err:
+        raise OSError(f"{weights!r} is not a readable safetensors file: {err}") from err
     if found != manifest.get("save_id"):
         raise ValueError(
             f"{folder!r} holds parts of two saves: its weights are not those {MANIFEST_NAME} names (a save over it "
-            "was interrupted). Save the model there again."
+            "was interrupted, or the weights were replaced by hand). Save the model there again, or delete "
+            f"{MANIFEST_NAME} to load the folder as it is."
         )
 
 

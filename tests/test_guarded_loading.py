@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from modeling_dina import DiNaConfig, DiNaRewardModel
@@ -36,11 +37,14 @@ def edit_config(folder: str, **changes) -> None:
 
 
 def edit_weights(folder: str, edit) -> str:
+    """Apply `edit` to the first head tensor, keeping the file's metadata (its save id); returns the key."""
     path = f"{folder}/model.safetensors"
     state = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
     key = sorted(k for k in state if k.startswith("reward_head."))[0]
     state[key] = edit(state[key])
-    save_file(state, path)
+    save_file(state, path, metadata=metadata)
     return key
 
 
