@@ -24,11 +24,9 @@ from dataclasses import dataclass
 import psutil
 import torch
 from diffusers.models.embeddings import PatchEmbed
-from peft.tuners.lora import LoraLayer
 from torch.utils.flop_counter import FlopCounterMode
 
 from modeling_dina import DiNaConfig, DiNaRewardModel
-from modeling_dina.modeling_dina import ADAPTER_NAME
 from modeling_dina.pipeline_dina import DiNaRewardPipeline
 from modeling_dina.tiny_sd3 import build_tiny_sd3_components
 
@@ -93,16 +91,6 @@ def build_model(name: str, device: torch.device | str, dtype: torch.dtype, seed:
     return model.eval()
 
 
-def set_fused(model: DiNaRewardModel, fused: bool) -> None:
-    """Merge the reward LoRA into the base weights (peft `merge`) or take it back out."""
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            if fused and not module.merged:
-                module.merge(adapter_names=[ADAPTER_NAME])
-            elif not fused and module.merged:
-                module.unmerge()
-
-
 def inputs(model: DiNaRewardModel, case: Case, images: int, device, dtype, generator=None):
     """Clean latents and a prompt encoding of the model's shapes (CLIP 77 tokens + T5, as the SD3 pipeline builds)."""
     config, backbone = model.config, model.backbone
@@ -128,7 +116,7 @@ def flops_per_image(case: Case, images: int) -> float:
             with torch.device("meta"):
                 _META_MODELS[case.model] = DiNaRewardModel(DiNaConfig())
     model = _META_MODELS[case.model]
-    set_fused(model, case.fused)
+    model.fuse_reward_lora(case.fused)
     latents, embeds, pooled = inputs(model, case, images, "meta", torch.float32)
     timesteps = torch.full((case.k,), 500.0, device="meta")
     # Grad mode on: FlopCounterMode's module tracking fails under no_grad; meta tensors cost nothing either way.
@@ -205,7 +193,7 @@ def run_case(pipe: DiNaRewardPipeline, case: Case, args, device) -> dict:
     images = args.images or (8 if tiny else 1)
     repeats = args.repeats or (5 if tiny else 2)
     model = pipe.reward_model
-    set_fused(model, case.fused)
+    model.fuse_reward_lora(case.fused)
     latents, embeds, pooled = inputs(model, case, images, device, case.dtype, torch.Generator().manual_seed(0))
     level = {"noise_levels": ENSEMBLE[case.k]} if case.k > 1 else {"noise_level": 0.4}
     seconds = []

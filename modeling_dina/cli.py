@@ -1,4 +1,4 @@
-"""The `dina` command: convert, score, score-dataset, cache, train, eval, demo, align."""
+"""The `dina` command: convert, score, score-dataset, cache, train, eval, demo, align, serve."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .alignment.cli import add_align_parser
     from .cli_eval import add_eval_parser
     from .cli_score import add_score_parser
+    from .serving.cli import add_serve_parser
     from .training.cli import add_cache_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="dina", description="DiNa-LRM: a diffusion-native latent reward model")
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(subparsers)
     _add_demo(subparsers)
     add_align_parser(subparsers)
+    add_serve_parser(subparsers)
     return parser
 
 

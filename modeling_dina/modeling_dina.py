@@ -135,6 +135,23 @@ class DiNaRewardModel(PreTrainedModel):
             for (_, layer), active in zip(layers, saved):
                 layer._active_adapter = active
 
+    def fuse_reward_lora(self, fused: bool = True) -> None:
+        """Fold the reward LoRA into the kept blocks' weights (peft `merge`), or take it back out (`fused=False`).
+
+        For scoring-only models: one matmul per projection instead of three. Refused when the blocks are shared with
+        a generator (`from_pipe`: its own outputs would change) or while the LoRA is being trained."""
+        if fused and getattr(self.backbone, "shared_with_base", False):
+            raise ValueError("the backbone's blocks are shared with a generator: fusing would change its outputs.")
+        if fused and self.training:
+            raise ValueError("the model is in training mode: fuse the LoRA only for scoring (`.eval()`).")
+        for _, layer in self._lora_layers():
+            if ADAPTER_NAME not in layer.lora_A:
+                continue
+            if fused and not layer.merged:
+                layer.merge(adapter_names=[ADAPTER_NAME])
+            elif not fused and layer.merged:
+                layer.unmerge()
+
     def _init_weights(self, module):
         # Every submodule initialises itself (SPEC §3 zero-inits included); base weights come from the base.
         pass
@@ -305,7 +322,8 @@ class DiNaRewardModel(PreTrainedModel):
                 module_name, _, leaf = name.rpartition(".")
                 if module_name.endswith(".base_layer"):
                     layer = self.backbone.get_submodule(module_name[: -len(".base_layer")])
-                    if leaf == "weight" and isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A:
+                    fused = isinstance(layer, LoraLayer) and layer.merged  # the delta is already in the weight
+                    if leaf == "weight" and isinstance(layer, LoraLayer) and ADAPTER_NAME in layer.lora_A and not fused:
                         tensor = tensor + layer.get_delta_weight(ADAPTER_NAME).to(tensor.dtype)
                     name = f"{module_name[: -len('.base_layer')]}.{leaf}"
                 backbone[f"backbone.{name}"] = tensor

@@ -413,6 +413,19 @@ class DiNaRewardPipeline(DiffusionPipeline):
         shift = self.vae.config.shift_factor or 0.0
         return ((z - shift) * self.vae.config.scaling_factor).float()
 
+    def default_noise(self, latents: torch.Tensor, prompt=None, pooled_prompt_embeds=None) -> torch.Tensor:
+        """The noise `__call__` draws for clean `latents` `(B, C, H, W)` given neither `noise` nor `generator`: one
+        seeded draw per (prompt, size) group, prompts given as text (`prompt`) or by their `pooled_prompt_embeds`.
+        Passing it as `noise=` scores a batch exactly as its items would be scored alone."""
+        num, shape = latents.shape[0], tuple(latents.shape[1:])
+        if prompt is not None:
+            keys = [prompt] * num if isinstance(prompt, str) else list(prompt)
+        else:
+            pooled = pooled_prompt_embeds.expand(num, -1)
+            _, _, groups, group_keys = self._prompt_groups(None, pooled[:, None], pooled, num, latents.device)
+            keys = [group_keys[g] for g in groups]
+        return torch.cat([self._noise(key, shape, None, latents.device) for key in keys])
+
     def _noise(self, key: str, shape: tuple[int, ...], generator, device) -> torch.Tensor:
         """One `(1, C, H, W)` draw per (prompt, size) group: from `generator`, else seeded from the group's key."""
         if generator is None:

@@ -102,3 +102,55 @@ def clip_parts():
 
     torch.manual_seed(0)
     return CLIPModel(config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """`start_server(model_dir, *extra_args, timeout=...)`: run `dina serve` on 127.0.0.1 (a free port) in a
+    subprocess, wait (bounded) for `/healthz` to answer 200, return `(process, base_url)`. Every server started is
+    stopped at the end of the session through its own process handle (SIGTERM, then kill)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import httpx
+
+    processes = []
+
+    def start(model_dir, *extra_args, timeout: float = 240.0):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-m", "modeling_dina.cli", "serve", "--model", str(model_dir), "--port", str(port)]
+        log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks on it
+        process = subprocess.Popen(
+            [*command, "--log-level", "warning", *extra_args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"`dina serve` exited with {process.returncode}: {log.read()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    return process, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"`dina serve` was not healthy within {timeout} s")
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
