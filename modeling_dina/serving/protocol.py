@@ -55,23 +55,24 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the served model reads, to validate requests before they reach it."""
+    """What the served model reads, to validate requests before they reach it (`None`: not bounded / not checked)."""
 
     latent_channels: int
     patch_size: int
-    max_latent_side: int
-    text_width: int
-    pooled_width: int
+    max_latent_side: int | None
+    text_width: int | None
+    pooled_width: int | None
 
     @classmethod
     def from_model(cls, model) -> ModelSpec:
         backbone, config = model.backbone, model.config.backbone_config or {}
+        max_patches = backbone.max_patches
         return cls(
             latent_channels=backbone.latent_channels,
             patch_size=backbone.patch_size,
-            max_latent_side=backbone.max_patches * backbone.patch_size,
-            text_width=config["joint_attention_dim"],
-            pooled_width=config["pooled_projection_dim"],
+            max_latent_side=max_patches * backbone.patch_size if max_patches else None,
+            text_width=config.get("joint_attention_dim"),
+            pooled_width=config.get("pooled_projection_dim"),
         )
 
 
@@ -118,7 +119,7 @@ def parse_drm_body(body: bytes, spec: ModelSpec) -> LatentRequest:
     ):
         if value.shape[0] != batch:
             raise RequestError(name, f"`{name}` has {value.shape[0]} rows for {batch} latents.")
-        if value.shape[-1] != width:
+        if width is not None and value.shape[-1] != width:
             raise RequestError(name, f"`{name}` has width {value.shape[-1]}; the model reads {width}.")
     u = _float_tensor(tensors, "u", 1)
     if u.shape[0] not in (1, batch):
@@ -140,7 +141,7 @@ def check_latents(latents: torch.Tensor, spec: ModelSpec, field: str = "latents"
             field, f"`{field}` have {latents.shape[1]} channels; the model reads {spec.latent_channels}."
         )
     height, width = latents.shape[-2:]
-    patch, side = spec.patch_size, spec.max_latent_side
+    patch, side = spec.patch_size, spec.max_latent_side or max(height, width)
     if height % patch or width % patch or min(height, width) < patch or max(height, width) > side:
         raise RequestError(
             field, f"`{field}` are {height}x{width}; sides must be multiples of {patch} in [{patch}, {side}]."
