@@ -1,6 +1,7 @@
 """Scoring throughput of `DiNaRewardPipeline` on latents (no VAE): images/s, peak memory and achieved FLOP/s next to
 this machine's own measured matmul FLOP/s (the ceiling), for the tiny test model and an SD3.5-M-shaped 12-layer DiNa
-model with random weights, for K = 1 and K = 3 noise levels, LoRA fused or not, fp32 or bf16.
+model with random weights, for K = 1 and K = 3 noise levels, LoRA fused or not (or fused and `torch.compile`d:
+`--lora unfused,fused,compiled`), fp32 or bf16.
 
     nice python bench/bench_pipeline.py --quick
     python bench/bench_pipeline.py --models sd35m --sizes 256,512 --ensembles 1,3 --dtypes bfloat16 --images 4
@@ -32,6 +33,7 @@ from modeling_dina.tiny_sd3 import build_tiny_sd3_components
 
 ENSEMBLE = {1: None, 3: [0.2, 0.5, 0.7]}
 TINY = {"num_backbone_layers": 2, "visual_layers": [1, 2], "text_layers": [1, 2], "lora_rank": 4, "lora_alpha": 8}
+LORA_LABELS = {(False, False): "unfused", (True, False): "fused", (True, True): "fused + compiled"}
 TINY_SIDE = 32  # pixels: the tiny base's whole position table (16 latent pixels a side)
 
 
@@ -42,6 +44,7 @@ class Case:
     k: int
     fused: bool
     dtype: torch.dtype
+    compiled: bool = False  # fused, and the backbone and head through `torch.compile`
 
 
 def quick_cases() -> list[Case]:
@@ -194,6 +197,9 @@ def run_case(pipe: DiNaRewardPipeline, case: Case, args, device) -> dict:
     repeats = args.repeats or (5 if tiny else 2)
     model = pipe.reward_model
     model.fuse_reward_lora(case.fused)
+    if case.compiled and model.backbone._compiled_call_impl is None:
+        model.backbone.compile()
+        model.reward_head.compile()
     latents, embeds, pooled = inputs(model, case, images, device, case.dtype, torch.Generator().manual_seed(0))
     level = {"noise_levels": ENSEMBLE[case.k]} if case.k > 1 else {"noise_level": 0.4}
     seconds = []
@@ -222,7 +228,7 @@ def main():
     parser.add_argument("--sizes", default="256,512", help="image sides in pixels (latent side x 8) for sd35m")
     parser.add_argument("--ensembles", default="1,3", help="K noise levels: 1 and/or 3")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--lora", default="unfused,fused")
+    parser.add_argument("--lora", default="unfused,fused", help="comma list of unfused, fused, compiled")
     parser.add_argument("--quick", action="store_true", help="the curated subset of `quick_cases` (ignores the above)")
     parser.add_argument("--images", type=int, default=None, help="images per call (default: 8 tiny, 1 sd35m)")
     parser.add_argument(
@@ -237,20 +243,27 @@ def main():
         cases = quick_cases()
     else:
         cases = [
-            Case(model, TINY_SIDE if model == "tiny" else size, k, lora == "fused", getattr(torch, dtype))
+            Case(
+                model,
+                TINY_SIDE if model == "tiny" else size,
+                k,
+                lora != "unfused",
+                getattr(torch, dtype),
+                lora == "compiled",
+            )
             for model in args.models.split(",")
             for dtype in args.dtypes.split(",")
             for size in ([TINY_SIDE] if model == "tiny" else [int(s) for s in args.sizes.split(",")])
             for k in [int(k) for k in args.ensembles.split(",")]
             for lora in args.lora.split(",")
         ]
-        cases = list({(c.model, c.size, c.k, c.fused, c.dtype): c for c in cases}.values())
+        cases = list({(c.model, c.size, c.k, c.fused, c.dtype, c.compiled): c for c in cases}.values())
     if any(case.k not in ENSEMBLE for case in cases):
         parser.error(f"--ensembles must be among {sorted(ENSEMBLE)}")
     # One model per (model, dtype), its unfused cases first: LoRA is merged once and never unmerged (in bf16 an
     # unmerge leaves rounding error in the base weights).
     groups = list(dict.fromkeys((case.model, case.dtype) for case in cases))
-    cases.sort(key=lambda case: (groups.index((case.model, case.dtype)), case.fused))
+    cases.sort(key=lambda case: (groups.index((case.model, case.dtype)), case.fused, case.compiled))
 
     ceilings = {}
     for dtype in dict.fromkeys(case.dtype for case in cases):
@@ -278,7 +291,7 @@ def main():
             delta = f"{(result['rewards'].float() - unfused[key].float()).abs().max().item():.2e}"
         achieved = result["flops"] * result["images_per_s"]
         row = (
-            f"| {case.model} | {case.size}² | {case.k} | {'fused' if case.fused else 'unfused'} "
+            f"| {case.model} | {case.size}² | {case.k} | {LORA_LABELS[case.fused, case.compiled]} "
             f"| {str(case.dtype).removeprefix('torch.')} | {result['images_per_s']:.3g} "
             f"| {1000 / result['images_per_s']:,.0f} | {result['median_ms']:,.0f} "
             f"| {result['peak_mib']:,.0f} | {result['flops'] / 1e9:,.3g} | {achieved / 1e9:,.3g} "

@@ -1,6 +1,7 @@
 """`dina serve --replicas 2`: the same HTTP API from two Ray Serve replicas on a local Ray cluster (2 CPUs), started
 and stopped by the test through the server's process handle."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -36,9 +37,15 @@ def test_two_ray_replicas_serve_the_same_api(start_server, tiny_dina_dir, tiny_r
         noise=seeded_noise(latents, seeds),
         noise_level=0.4,
     ).rewards
+    # Ray's router spreads concurrent requests over both replicas (each answers with its own process id); the second
+    # may still be loading when the first answers, so look for a bounded while.
+    replicas, deadline = set(), time.monotonic() + 240
+    with ThreadPoolExecutor(8) as pool, httpx.Client(timeout=120) as client:
+        while len(replicas) < 2 and time.monotonic() < deadline:
+            replicas |= set(pool.map(lambda _: client.get(f"{url}/healthz").json()["pid"], range(32)))
+            time.sleep(1)
+    assert len(replicas) == 2
     with httpx.Client(timeout=120) as client:
-        replicas = {client.get(f"{url}/healthz").json()["pid"] for _ in range(40)}
-        assert len(replicas) == 2  # Ray's router reaches both replicas
         served = score_latents(client, url, latents, embeds, pooled, 0.4, seeds)
         assert (served - local).abs().max() <= 1e-4
         bad = client.post(f"{url}/v1/score", content=b"not safetensors", headers=HEADERS)

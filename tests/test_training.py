@@ -451,6 +451,8 @@ def test_push_uploads_lora_head_config_and_card(tiny_sd3_dir, train_set, tmp_pat
 
     card = ModelCard.load(tmp_path / "out" / "README.md").data
     assert card.base_model == tiny_sd3_dir and card.datasets == ["me/pairs"] and "reward-model" in card.tags
+    assert card.base_model_relation == "adapter" and card.library_name == "transformers"
+    assert card.pipeline_tag == "zero-shot-image-classification"
     metrics = {r.metric_name: r.metric_value for r in card.eval_results}
     assert set(metrics) == {"eval_accuracy_u0.2", "eval_accuracy_u0.5", "eval_accuracy_ensemble"}
     assert {r.dataset_name for r in card.eval_results} == {"me/held-out"}

@@ -74,6 +74,7 @@ def run_ray_serve(args, engine_kwargs: dict, max_body_bytes: int) -> None:
             max_body_bytes=max_body_bytes,
         )
         serve.run(app, name=APP_NAME, route_prefix="/")
+        _wait_for_replicas(args.replicas, stop)
         print(
             f"serving {args.model} with {args.replicas} Ray Serve replicas on http://{args.host}:{args.port}",
             flush=True,
@@ -82,6 +83,17 @@ def run_ray_serve(args, engine_kwargs: dict, max_body_bytes: int) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _wait_for_replicas(replicas: int, stop: threading.Event) -> None:
+    """`serve.run` returns once the app answers; the other replicas may still be loading their model."""
+    while not stop.is_set():
+        deployment = serve.status().applications[APP_NAME].deployments[DiNaReplica.name]
+        if deployment.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"the Ray Serve deployment failed: {deployment.message}")
+        if deployment.replica_states.get("RUNNING", 0) >= replicas:
+            return
+        stop.wait(1.0)
 
 
 __all__ = ["DiNaReplica", "build_app", "run_ray_serve"]

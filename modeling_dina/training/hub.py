@@ -23,6 +23,9 @@ TRAINER_IGNORE_PATTERNS = ("_*", "checkpoint-*")
 UPLOAD_IGNORE_PATTERNS = (f"{TMP_SAVE_PREFIX}*", f"*/{TMP_SAVE_PREFIX}*")
 """Never uploaded: the temporary folders of `DiNaRewardModel.save_pretrained`."""
 
+# The Hub task for scoring an image against a text, under which CLIP-style preference scorers (PickScore, HPS) are
+# listed; the Hub has no reward-model task for images.
+PIPELINE_TAG = "zero-shot-image-classification"
 TAGS = ("dina-lrm", "reward-model", "preference-learning", "diffusion", "text-to-image")
 
 _TEMPLATE = """\
@@ -92,8 +95,11 @@ def make_model_card(
     ]
     card_data = ModelCardData(
         base_model=config.base_model_name_or_path,
+        # LoRA + head on the base's blocks (the base is fetched from its repo); a merged folder carries its weights.
+        base_model_relation="finetune" if config.base_weights_included else "adapter",
         datasets=datasets or None,
-        library_name="transformers",
+        library_name="transformers",  # `AutoModel.from_pretrained(..., trust_remote_code=True)` loads it
+        pipeline_tag=PIPELINE_TAG,
         license=license,
         language=language,
         tags=[*TAGS, *(tags or [])],
