@@ -30,6 +30,7 @@ from datasets import (
     load_dataset,
     load_from_disk,
 )
+from datasets.fingerprint import Hasher
 
 PAIR_FEATURES = Features({"prompt": Value("string"), "chosen": Image(), "rejected": Image(), "label": Value("float32")})
 """Preference pairs. `label` is P(chosen preferred): 1.0 a clear preference, 0.5 a tie, soft values allowed."""
@@ -47,6 +48,9 @@ _KINDS = {
     "images": {"list of image"},
     "ranks": {"list of integer"},
 }
+_LOADING = {"missing_images": "raise"}
+"""What `_image_cell` does with a path to no file, set by `load_preference_data(missing_images=...)` while it loads
+(a plain dict: `datasets` hashes the adapters' functions, and a context variable cannot be hashed)."""
 _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 _GENAI_VOTES = {"leftvote": (0, 1.0), "rightvote": (1, 1.0), "tievote": (0, TIE_LABEL), "bothbad_vote": (0, TIE_LABEL)}
 
@@ -340,12 +344,22 @@ def load_preference_data(
     format: str,
     split: str | None = None,
     image_root: str | os.PathLike | None = None,
+    missing_images: str = "raise",
     **load_kwargs: Any,
 ) -> Dataset:
-    """Load `source` with the adapter of `format` (a key of `FORMATS`); `load_kwargs` go to `load_dataset`."""
+    """Load `source` with the adapter of `format` (a key of `FORMATS`); `load_kwargs` go to `load_dataset`.
+
+    `missing_images="keep"` keeps the path of an image file that does not exist instead of raising, so a consumer
+    that reports unreadable rows (the training cache) reports that row too."""
     if format not in FORMATS:
         raise ValueError(f"unknown preference-data format {format!r}; known: {', '.join(FORMATS)}")
-    return FORMATS[format](source, split=split, image_root=image_root, **load_kwargs)
+    if missing_images not in ("raise", "keep"):
+        raise ValueError(f"`missing_images` must be 'raise' or 'keep', got {missing_images!r}")
+    before, _LOADING["missing_images"] = _LOADING["missing_images"], missing_images
+    try:
+        return FORMATS[format](source, split=split, image_root=image_root, **load_kwargs)
+    finally:
+        _LOADING["missing_images"] = before
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -468,7 +482,24 @@ def _load_files(files: list[Path], what: str) -> Dataset:
     builders = {_FILE_BUILDERS.get(f.suffix) for f in files}
     if len(builders) != 1 or None in builders:
         raise ValueError(f"{what}: expected parquet or JSON/JSONL files of one kind, got {[f.name for f in files]}")
-    return load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
+    builder = builders.pop()
+    if builder == "json":
+        _check_utf8(files)
+    return load_dataset(builder, data_files=[str(f) for f in files], split="train")
+
+
+def _check_utf8(files: list[Path]) -> None:
+    """JSON text must be UTF-8: pyarrow loads other bytes into string columns that fail only when a row is read."""
+    for file in files:
+        with open(file, "rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(
+                        f"{file}: line {number} (row {number - 1} of a JSONL file) is not UTF-8 text ({err.reason} "
+                        f"at byte {err.start}); re-encode the file as UTF-8."
+                    ) from None
 
 
 def _pick_split(dataset_dict: DatasetDict, split: str | None, what: str) -> Dataset:
@@ -550,7 +581,7 @@ def _image_cell(value: Any, root: str | os.PathLike | None, row: int, what: str)
         value = value.get("path")
     if isinstance(value, (str, os.PathLike)) and str(value):
         path = Path(root or "") / value
-        if not path.is_file():
+        if not path.is_file() and _LOADING["missing_images"] == "raise":
             raise FileNotFoundError(f"{what} row {row}: image not found: {path}")
         return {"bytes": None, "path": str(path)}
     raise TypeError(f"{what} row {row}: expected image bytes or a path, got {value!r:.80}")
@@ -572,7 +603,11 @@ def _convert(
     """Batched `map` of `fn` over `ds` into `schema`, dropping the `consumed` source columns and keeping the rest."""
     kept = {name: feature for name, feature in ds.features.items() if name not in consumed and name not in schema}
     features = Features({**schema, **kept})
-    return ds.map(fn, batched=True, with_indices=True, remove_columns=consumed, features=features)
+    # The missing-images mode changes the result, so it is part of the cached result's fingerprint.
+    fingerprint = Hasher.hash([ds._fingerprint, fn, features, _LOADING["missing_images"]])
+    return ds.map(
+        fn, batched=True, with_indices=True, remove_columns=consumed, features=features, new_fingerprint=fingerprint
+    )
 
 
 def _list_groups(

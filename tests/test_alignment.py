@@ -340,3 +340,16 @@ def test_cli_runs_both_reward_kinds(tiny_sd3_dir, tmp_path):
         args = parser.parse_args(["align", "--config", str(path), "--resume"])
         args.func(args)  # nothing left to do: resumes at the last step
         assert len(open(tmp_path / name / "log.jsonl").readlines()) == 1
+
+
+def test_align_help_says_a_config_naming_functions_is_code():
+    import argparse
+
+    from modeling_dina.alignment.cli import add_align_parser
+
+    parser = add_align_parser(argparse.ArgumentParser(prog="dina").add_subparsers())
+    text = " ".join(parser.format_help().split())
+    assert (
+        "A config is code: its `pixel_reward` and `eval_fn` entries name `module:function`, which is imported" in text
+    )
+    assert "trusted configs only" in text

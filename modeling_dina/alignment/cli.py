@@ -7,12 +7,19 @@ import argparse
 
 def add_align_parser(subparsers) -> argparse.ArgumentParser:
     """Register the `align` subcommand (its handler is `run_align`)."""
-    p = subparsers.add_parser("align", help="fine-tune a generator's LoRA against a latent reward (ReFL or GRPO)")
+    p = subparsers.add_parser(
+        "align",
+        help="fine-tune a generator's LoRA against a latent reward (ReFL or GRPO)",
+        description="Fine-tune a generator's LoRA against a latent reward (ReFL or GRPO). A config is code: its "
+        "`pixel_reward` and `eval_fn` entries name `module:function`, which is imported and run; only use configs "
+        "you wrote or trust.",
+    )
     p.add_argument(
         "--config",
         required=True,
         help="YAML or JSON file of AlignmentConfig fields: pipeline, reward (DiNa folder or 'pixel' with "
-        "pixel_reward 'module:function'), prompts (list or file), method (refl|grpo), steps, ...",
+        "pixel_reward 'module:function'), prompts (list or file), method (refl|grpo), steps, ... "
+        "(`pixel_reward` and `eval_fn` import and run the code they name: trusted configs only)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.set_defaults(func=run_align)

@@ -24,6 +24,7 @@ class AlignmentConfig:
         reward: DiNa model folder, or `"pixel"` for `pixel_reward`.
         pixel_reward: `"module:function"` of a pixel reward `fn(images, prompts) -> one number per image`.
         eval_fn: `"module:function"` of an evaluation callback `fn(pipe, step) -> {metric: value}`.
+            Both are imported and called: a config naming them is code, to be run only when it is trusted.
         device, dtype: where and in what precision to load them (`dtype` e.g. `"bfloat16"`; default float32).
 
     Run:

@@ -9,7 +9,8 @@ A cache folder holds:
   `row`, `prompt`, `prompt_index` (a row of the concatenated prompt shards), `label`, the latent size and the
   chosen/rejected latents (flat); prompt rows hold each distinct prompt once with its `prompt_embeds` (L, D) and
   `pooled_prompt_embeds`;
-- `skipped_rows.json`: the rows left out because an image could not be read (also logged as warnings).
+- `skipped_rows.json`: the rows left out because an image could not be read (a missing file included) or the prompt
+  is not a string (also logged as warnings).
 
 Each shard is written to a temporary folder and renamed when complete, so an interrupted run resumes at the first
 missing shard. Images are resized and centre-cropped to the nearest aspect-ratio bucket (sides multiples of the
@@ -236,7 +237,9 @@ def cache_preference_dataset(
     settings = {
         "base": os.fspath(base or ""),
         "num_rows": len(pairs),
-        "prompts_sha256": hashlib.sha256("\n".join(pairs["prompt"]).encode()).hexdigest(),
+        "prompts_sha256": hashlib.sha256(
+            "\n".join("" if p is None else p for p in pairs["prompt"]).encode()
+        ).hexdigest(),
         "max_sequence_length": max_sequence_length,
         "resolution": resolution,
         "buckets": [list(b) for b in buckets] if buckets is not None else None,
@@ -321,10 +324,15 @@ class _Pair(NamedTuple):
 
 
 def _read_pairs(pairs: Dataset, rows: range, buckets) -> tuple[list[_Pair], list[dict]]:
-    """Decode the images of `rows`; rows with an unreadable image are logged and listed, not returned."""
+    """Decode the images of `rows`; rows with an unreadable (or missing) image or no prompt are logged and listed,
+    not returned."""
     batch = pairs.select(rows).select_columns(["prompt", "chosen", "rejected", "label"])[:]
     items, skipped = [], []
     for offset, row in enumerate(rows):
+        if not isinstance(batch["prompt"][offset], str):
+            logger.warning(f"row {row}: the prompt is {batch['prompt'][offset]!r}, not a string; skipped")
+            skipped.append({"row": row, "column": "prompt", "error": f"prompt is {batch['prompt'][offset]!r}"})
+            continue
         images = {}
         for side in ("chosen", "rejected"):
             try:

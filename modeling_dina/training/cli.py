@@ -29,7 +29,7 @@ from ..data import groups_to_pairs, load_preference_data
 from ..modeling_dina import DiNaRewardModel
 from ..safe_files import full_disk_explained
 from .arguments import DiNaTrainingArguments
-from .caching import cache_preference_dataset, load_cached_preferences
+from .caching import SKIPPED_ROWS_NAME, cache_preference_dataset, load_cached_preferences
 from .checkpoints import claim_output_dir, latest_complete_checkpoint
 from .released_data import import_released_data
 from .trainer import DiNaTrainer
@@ -88,6 +88,7 @@ def load_split(section: dict, name: str, model: DiNaRewardModel, data: dict, arg
             format=section["format"],
             split=section.get("split"),
             image_root=section.get("image_root"),
+            missing_images="keep",  # the cache skips and reports their rows
         )
         if "images" in dataset.column_names:
             dataset = groups_to_pairs(dataset, include_ties=section.get("include_ties", False))
@@ -191,11 +192,15 @@ def run_cache(args: argparse.Namespace) -> None:
         return
     if args.index is not None:
         raise SystemExit("--index is for --format released (the authors' bucket_index.csv)")
-    dataset = load_preference_data(args.source, format=args.format, split=args.split, image_root=args.image_root)
+    dataset = load_preference_data(
+        args.source, format=args.format, split=args.split, image_root=args.image_root, missing_images="keep"
+    )
     if "images" in dataset.column_names:
         dataset = groups_to_pairs(dataset, include_ties=args.include_ties)
     cached = cache_preference_dataset(dataset, args.base, args.output, resolution=args.resolution, **options)
-    print(f"cached {len(cached)} of {len(dataset)} pairs in {args.output}")
+    skipped = len(dataset) - len(cached)
+    note = f"; {skipped} skipped, listed in {os.path.join(args.output, SKIPPED_ROWS_NAME)}" if skipped else ""
+    print(f"cached {len(cached)} of {len(dataset)} pairs in {args.output}{note}")
 
 
 def _check_keys(section: dict, allowed: set[str], where: str) -> None:
