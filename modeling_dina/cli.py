@@ -1,4 +1,4 @@
-"""The `dina` command: convert, score, score-dataset, cache, train, eval, demo, align, serve."""
+"""The `dina` command: convert, score, score-dataset, cache, train, eval, demo, align, serve, app."""
 
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ def _run_demo(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from .alignment.cli import add_align_parser
+    from .app.cli import add_app_parser
     from .cli_eval import add_eval_parser
     from .cli_score import add_score_parser
     from .serving.cli import add_serve_parser
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     add_align_parser(subparsers)
     add_serve_parser(subparsers)
+    add_app_parser(subparsers)
     return parser
 
 
