@@ -150,14 +150,15 @@ def test_browser_scores_compares_and_generates(app_url, browser, shapes_images, 
     assert [name for name, _ in ranking] == [names[i] for i in direct.argsort(descending=True).tolist()]
     for name, value in ranking:
         assert value == pytest.approx(direct[names.index(name)].item(), abs=2e-3)
-    page.get_by_label("Rank by the ensemble").check()
-    again = _score(page, "Ranked by the ensemble reward")
-    ensemble = reward(PROMPT, images=shapes_images, noise_levels=reward.reward_model.config.ensemble_noise_levels)
-    assert [name for name, _ in _ranking(page)] == [names[i] for i in ensemble.rewards.argsort(descending=True).tolist()]
     assert len(page.query_selector_all("#score-gallery img")) >= 2
     page.wait_for_selector("#score-plot img, #score-plot svg", timeout=30_000)
-    print(f"\nscore of 2 images in the page: first {first:.2f} s, again (ranked by the ensemble) {again:.2f} s")
     _screenshot(page, tmp_path, "score")
+    page.get_by_label("Rank by the ensemble").check()
+    again = _score(page, "Ranked by the ensemble reward")
+    levels = reward.reward_model.config.ensemble_noise_levels
+    ensemble = reward(PROMPT, images=shapes_images, noise_levels=levels).rewards
+    assert [name for name, _ in _ranking(page)] == [names[i] for i in ensemble.argsort(descending=True).tolist()]
+    print(f"\nscore of 2 images in the page: first {first:.2f} s, again (ranked by the ensemble) {again:.2f} s")
 
     # Compare: P(a > b) with its noise level.
     page.get_by_role("tab", name="Compare").click()

@@ -117,7 +117,7 @@ def score_handler(models: AppModels, prompt_text, uploads, noise_level, rank_by_
         )
     )
     shown = [
-        (images[i], f"#{rank + 1} {names[i]}: reward {result.rewards[i]:.3f}, score {result.scores[i]:.3f}")
+        (images[i], f"#{rank + 1} {names[i]}: reward {result.rewards[i]:.2f}, score {result.scores[i]:.2f}")
         for rank, i in enumerate(result.order)
     ]
     return shown, ranking_table(result, names), reward_plot(result, names)
@@ -259,7 +259,7 @@ def shapes_examples(folder: str | os.PathLike) -> dict:
         paths = []
         for j, violated in enumerate(violations):
             path = folder / f"example{k}_{j}_{'_'.join(violated) or 'ok'}.png"
-            render(prompt, seed=100 * k + j, violations=violated).resize((TILE, TILE), Image.NEAREST).save(path)
+            render(prompt, seed=100 * k + j, violations=violated).save(path)  # native size: what the reward reads
             paths.append(str(path))
         score.append([prompt, paths])
         compare.append([prompt, paths[0], paths[1]])
