@@ -155,6 +155,11 @@ def shapes_handler(models: AppModels, prompt_text, n, seed, run_name, progress=T
     return "\n\n".join(lines), _candidate_tiles(ranked), aligned_tiles
 
 
+def _on_click(button, handler, models: AppModels, inputs: list, outputs: list, api_name: str) -> None:
+    """A tab's handler on the served models, in the one queue slot every model call shares."""
+    button.click(partial(handler, models), inputs, outputs, concurrency_id=MODEL_SLOT, api_name=api_name)
+
+
 def _score_tab(models: AppModels, examples: dict) -> None:
     default_level = models.reward.reward_model.config.noise_level_images
     ensemble = ", ".join(f"{u:g}" for u in models.reward.reward_model.config.ensemble_noise_levels)
@@ -172,13 +177,7 @@ def _score_tab(models: AppModels, examples: dict) -> None:
     if examples.get("score"):
         gr.Examples(examples["score"], inputs=[prompt, files], cache_examples=False)
 
-    button.click(
-        partial(score_handler, models),
-        [prompt, files, level, by_ensemble],
-        [gallery, table, plot],
-        concurrency_id=MODEL_SLOT,
-        api_name="score",
-    )
+    _on_click(button, score_handler, models, [prompt, files, level, by_ensemble], [gallery, table, plot], "score")
 
 
 def _compare_tab(models: AppModels, examples: dict) -> None:
@@ -195,13 +194,7 @@ def _compare_tab(models: AppModels, examples: dict) -> None:
     if examples.get("compare"):
         gr.Examples(examples["compare"], inputs=[prompt, image_a, image_b], cache_examples=False)
 
-    button.click(
-        partial(compare_handler, models),
-        [prompt, image_a, image_b, level],
-        [label, verdict],
-        concurrency_id=MODEL_SLOT,
-        api_name="compare",
-    )
+    _on_click(button, compare_handler, models, [prompt, image_a, image_b, level], [label, verdict], "compare")
 
 
 def _candidate_tiles(candidates) -> list[tuple[Image.Image, str]]:
@@ -240,13 +233,7 @@ def _shapes_tab(models: AppModels) -> None:
             label="Aligned generator, same seeds", columns=4, visible=bool(runs), elem_id="shapes-aligned"
         )
 
-    button.click(
-        partial(shapes_handler, models),
-        [prompt, count, seed, run_choice],
-        [summary, base, aligned],
-        concurrency_id=MODEL_SLOT,
-        api_name="shapes",
-    )
+    _on_click(button, shapes_handler, models, [prompt, count, seed, run_choice], [summary, base, aligned], "shapes")
 
 
 def shapes_examples(folder: str | os.PathLike) -> dict:
