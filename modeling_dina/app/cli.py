@@ -8,6 +8,7 @@ def add_app_parser(subparsers) -> None:
     p.add_argument("--model", default=None, help="DiNa model folder or Hub id (default: the shipped Shapes model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default=None, help="torch device (default: the accelerator if there is one, else cpu)")
     p.add_argument("--export-space", metavar="DIR", default=None, help="write a Hugging Face Space folder and exit")
     p.set_defaults(func=run_app)
 
@@ -24,4 +25,4 @@ def run_app(args) -> None:
         return
     from .ui import build_app, serve
 
-    serve(build_app(args.model), host=args.host, port=args.port)
+    serve(build_app(args.model, device=args.device), host=args.host, port=args.port)

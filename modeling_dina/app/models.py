@@ -61,20 +61,26 @@ def aligned_runs(folder: str | os.PathLike = ALIGNED_DIR) -> dict[str, Path]:
     return {run.name: run for run in sorted(folder.iterdir()) if (run / LORA_WEIGHTS).is_file()}
 
 
-def load_models(model: str | None = None, aligned_dir: str | os.PathLike = ALIGNED_DIR) -> AppModels:
-    """The shipped Shapes world (`model=None` or the shipped reward's folder), or any DiNa model folder / Hub id."""
+def load_models(
+    model: str | None = None, aligned_dir: str | os.PathLike = ALIGNED_DIR, device: str | torch.device | None = None
+) -> AppModels:
+    """The shipped Shapes world (`model=None` or the shipped reward's folder), or any DiNa model folder / Hub id, on
+    `device` (default: the accelerator if there is one, else the CPU)."""
+    if device is None:
+        accelerator = torch.accelerator.current_accelerator()
+        device = accelerator if accelerator is not None else torch.device("cpu")
     if model is not None and Path(model).resolve() != REWARD_DIR.resolve():
-        reward = DiNaRewardPipeline.from_pretrained(model)
+        reward = DiNaRewardPipeline.from_pretrained(model).to(device)
         reward.set_progress_bar_config(disable=True)
         return AppModels(reward=reward, name=str(model))
-    generator = load_generator()
+    generator = load_generator(device)
     # The reward reads the generator's own first blocks: one copy of the base, its LoRA on only while scoring.
     reward = DiNaRewardPipeline.from_pipe(generator, reward_model=str(REWARD_DIR))
     reward.set_progress_bar_config(disable=True)
     aligned = {}
     for run, folder in aligned_runs(aligned_dir).items():
         # A separate generator per run: the base keeps its weights, and the reward stays on the base's blocks.
-        aligned[run] = load_generator()
+        aligned[run] = load_generator(device)
         aligned[run].load_lora_weights(folder)
     return AppModels(reward=reward, name="Shapes world (shipped)", generator=generator, aligned=aligned)
 

@@ -253,9 +253,10 @@ def shapes_examples(folder: str | os.PathLike) -> dict:
     return {"score": score, "compare": compare}
 
 
-def build_app(model: str | None = None, models: AppModels | None = None) -> gr.Blocks:
-    """The demo page on `model` (default: the shipped Shapes world), or on already loaded `models`."""
-    models = models if models is not None else load_models(model)
+def build_app(model: str | None = None, models: AppModels | None = None, device: str | None = None) -> gr.Blocks:
+    """The demo page on `model` (default: the shipped Shapes world) on `device` (default: the accelerator if any),
+    or on already loaded `models`."""
+    models = models if models is not None else load_models(model, device=device)
     examples = shapes_examples(tempfile.mkdtemp(prefix="dina-app-examples-")) if models.is_shapes else {}
     with gr.Blocks(title="DiNa-LRM", analytics_enabled=False) as demo:
         gr.Markdown(
