@@ -14,6 +14,10 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
+from .image_processing_dina import DiNaImageProcessor
+
+_IMAGE_PROCESSOR = DiNaImageProcessor()
+
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,8 +39,9 @@ class Scorer(abc.ABC):
     """A reward model: `scorer(prompts, images) -> torch.Tensor` of shape (B,), float32 on the CPU.
 
     Subclasses set `name` and `num_parameters` and implement `_score_batch`; `__call__` validates the inputs,
-    converts images to RGB and splits them into batches of `batch_size` under `torch.no_grad`. `noise_level` is
-    None for pixel-space baselines (latent reward models report the noise level they score at).
+    reads the images (`prepare_images`: by default RGB PIL images read by `DiNaImageProcessor`, upright and alpha
+    over white, as the DiNa pipeline reads them) and splits them into batches of `batch_size` under `torch.no_grad`.
+    `noise_level` is None for pixel-space baselines (latent reward models report the noise level they score at).
     """
 
     name: str
@@ -52,6 +57,10 @@ class Scorer(abc.ABC):
     def _score_batch(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
         """Rewards of one batch, shape (B,)."""
 
+    def prepare_images(self, images: list) -> list:
+        """Images as `_score_batch` takes them: RGB PIL images read by the package's image processor."""
+        return [_IMAGE_PROCESSOR.to_pil(image, f"{self.name}: images[{i}]") for i, image in enumerate(images)]
+
     @torch.no_grad()
     def __call__(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
         prompts, images = list(prompts), list(images)
@@ -61,7 +70,7 @@ class Scorer(abc.ABC):
             raise TypeError(f"{self.name}: prompts must be strings")
         if not all(isinstance(image, Image.Image) for image in images):
             raise TypeError(f"{self.name}: images must be PIL images")
-        images = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+        images = self.prepare_images(images)
         rewards = []
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size

@@ -1,6 +1,8 @@
-"""Configuration of DiNa-LRM: every knob of the method, with the released SD3.5-M 12-layer values as defaults."""
+"""Configuration of DiNa-LRM: the architecture and inference knobs, with the released SD3.5-M 12-layer values as
+defaults. How a model is trained (loss kind, noise sampling) is `DiNaTrainingArguments`' business."""
 
 import math
+import warnings
 from dataclasses import field, fields
 
 from huggingface_hub.dataclasses import strict
@@ -8,10 +10,9 @@ from transformers import PreTrainedConfig
 
 from .backbone_sd3 import SD3_LORA_TARGETS
 from .backbones import backbone_class
+from .losses import LOSS_FORMS, LOSS_TYPES
+from .noise import NOISE_SAMPLING_SCHEMES as SCHEMES
 
-LOSS_TYPES = ("thurstone", "thurstone_constant", "bt", "bt_margin")
-LOSS_FORMS = ("fidelity", "nll")
-NOISE_SAMPLING_SCHEMES = ("uniform", "logit_normal", "mode", "beta", "power", "constant")
 # Far beyond any real model, yet small enough that building one cannot exhaust memory: a config is data, so a hostile
 # one is refused before anything is allocated.
 SIZE_LIMITS = {
@@ -23,6 +24,22 @@ SIZE_LIMITS = {
     "head_num_attention_heads": 1024,
     "max_sequence_length": 65536,
 }
+# Training knobs that configs written before the split carried; they still load (values kept as attributes, read
+# by `DiNaTrainer` when its arguments leave them at their defaults).
+LEGACY_TRAINING_FIELDS = (
+    "loss_type",
+    "loss_form",
+    "constant_variance",
+    "bt_margin",
+    "noise_sampling",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "beta_alpha",
+    "beta_beta",
+    "power_exponent",
+    "constant_noise_level",
+)
 
 # The released backbone: SD3.5-Medium's transformer (its diffusers config; 24 blocks, 0..12 with dual attention).
 SD35_MEDIUM_TRANSFORMER_CONFIG = {
@@ -46,7 +63,8 @@ SD35_MEDIUM_TRANSFORMER_CONFIG = {
 class DiNaConfig(PreTrainedConfig):
     r"""
     Configuration of a [`DiNaRewardModel`]: which base diffusion transformer is read, how deep, where features are
-    tapped, the LoRA, the reward head, the loss, the noise levels and the score normalisation.
+    tapped, the LoRA, the reward head, the inference noise levels, the calibrated variance of `compare` and the score
+    normalisation.
 
     Args:
         base_model_name_or_path (`str`): Hub id or local folder of the diffusers pipeline whose transformer is the
@@ -75,21 +93,12 @@ class DiNaConfig(PreTrainedConfig):
         head_dropout (`float`): dropout after attention outputs and the feed-forward.
         head_use_proj_in (`bool`): a learned input projection in each per-layer adapter (identity in the release).
         use_logistic (`bool`): squash the raw reward into (-2, 2) with a learned logistic (off in the release).
-        loss_type (`str`): `"thurstone"` (noise-calibrated), `"thurstone_constant"`, `"bt"` or `"bt_margin"`.
-        loss_form (`str`): `"fidelity"` (released) or `"nll"` for the Thurstone losses.
-        variance_scale (`float`), variance_floor (`float`): `var(sigma) = variance_scale * sigma**2 + variance_floor`.
-        constant_variance (`float`): per-item variance of the constant-variance Thurstone baseline.
-        bt_margin (`float`): margin of the Bradley-Terry-with-margin baseline.
+        variance_scale (`float`), variance_floor (`float`): `var(sigma) = variance_scale * sigma**2 + variance_floor`,
+            the noise-calibrated variance of `compare`'s preference probability (and the default of training).
         loss_eps (`float`): the epsilon inside the square roots and logs of SPEC §2.
         noise_level_latents (`float`): default noise level for latents coming from a generator.
         noise_level_images (`float`): default noise level for clean (decoded or real) images.
         ensemble_noise_levels (`list[float]`): noise levels of the test-time ensemble.
-        noise_sampling (`str`): training noise-level scheme: uniform, logit_normal, mode, beta, power or constant.
-        logit_mean (`float`), logit_std (`float`): parameters of `logit_normal`.
-        mode_scale (`float`): parameter of `mode`.
-        beta_alpha (`float`), beta_beta (`float`): parameters of `beta`.
-        power_exponent (`float`): parameter of `power` (`u = r ** power_exponent`, `r` uniform).
-        constant_noise_level (`float`): the level of `constant` (0 = clean-only training).
         max_sequence_length (`int`): prompt tokens of the family's text encoding (T5 for SD3 and FLUX, Qwen for
             Qwen-Image and Z-Image; release: 128).
         guidance_scale (`float`): the guidance-embedding input of guidance-distilled bases (FLUX.1-dev: 3.5);
@@ -127,25 +136,13 @@ class DiNaConfig(PreTrainedConfig):
     head_use_proj_in: bool = False
     use_logistic: bool = False
 
-    loss_type: str = "thurstone"
-    loss_form: str = "fidelity"
     variance_scale: float | int = 2.0
     variance_floor: float | int = 0.05
-    constant_variance: float | int = 0.5
-    bt_margin: float | int = 1.0
     loss_eps: float = 1e-6
 
     noise_level_latents: float | int = 0.4
     noise_level_images: float | int = 0.1
     ensemble_noise_levels: list[float | int] = field(default_factory=lambda: [0.2, 0.5, 0.7])
-    noise_sampling: str = "uniform"
-    logit_mean: float | int = 0.0
-    logit_std: float | int = 1.0
-    mode_scale: float | int = 1.29
-    beta_alpha: float | int = 1.0
-    beta_beta: float | int = 1.0
-    power_exponent: float | int = 1.0
-    constant_noise_level: float | int = 0.4
 
     max_sequence_length: int = 128
     guidance_scale: float | int = 3.5
@@ -167,6 +164,25 @@ class DiNaConfig(PreTrainedConfig):
     @property
     def resolved_head_feature_width(self) -> int:
         return self.resolved_head_width // 4 if self.head_feature_width == -1 else self.head_feature_width
+
+    @property
+    def legacy_training_values(self) -> dict:
+        """Training knobs found in a config written before they moved to `DiNaTrainingArguments`."""
+        return {name: getattr(self, name) for name in LEGACY_TRAINING_FIELDS if name in self.__dict__}
+
+    def validate_legacy_fields(self):
+        """Part of `@strict` validation: old training knobs are kept and announced."""
+        legacy = self.legacy_training_values
+        for name, allowed in (("loss_type", LOSS_TYPES), ("loss_form", LOSS_FORMS), ("noise_sampling", SCHEMES)):
+            if name in legacy and legacy[name] not in allowed:
+                raise ValueError(f"unknown `{name}` {legacy[name]!r}; expected one of {allowed}.")
+        if legacy:
+            warnings.warn(
+                f"this config carries training settings {sorted(legacy)}, which now belong to DiNaTrainingArguments; "
+                "they are kept, and DiNaTrainer uses them where its arguments are left at their defaults.",
+                FutureWarning,
+                stacklevel=2,
+            )
 
     def validate_architecture(self):
         """Part of `@strict` validation: every inconsistency gets an error that names the knob."""
@@ -204,20 +220,11 @@ class DiNaConfig(PreTrainedConfig):
             raise ValueError(f"`head_dropout` must be in [0, 1), got {self.head_dropout}.")
         if self.use_lora and (self.lora_rank < 1 or not self.lora_target_modules):
             raise ValueError("with `use_lora`, `lora_rank` must be >= 1 and `lora_target_modules` non-empty.")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown `loss_type` {self.loss_type!r}; expected one of {LOSS_TYPES}.")
-        if self.loss_form not in LOSS_FORMS:
-            raise ValueError(f"unknown `loss_form` {self.loss_form!r}; expected one of {LOSS_FORMS}.")
-        if self.noise_sampling not in NOISE_SAMPLING_SCHEMES:
-            raise ValueError(
-                f"unknown `noise_sampling` {self.noise_sampling!r}; expected one of {NOISE_SAMPLING_SCHEMES}."
-            )
-        if self.variance_scale < 0 or self.variance_floor <= 0 or self.constant_variance <= 0:
-            raise ValueError("`variance_scale` must be >= 0, `variance_floor` and `constant_variance` > 0.")
+        if self.variance_scale < 0 or self.variance_floor <= 0:
+            raise ValueError("`variance_scale` must be >= 0 and `variance_floor` > 0.")
         levels = {
             "noise_level_latents": [self.noise_level_latents],
             "noise_level_images": [self.noise_level_images],
-            "constant_noise_level": [self.constant_noise_level],
             "ensemble_noise_levels": list(self.ensemble_noise_levels),
         }
         for name, values in levels.items():

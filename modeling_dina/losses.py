@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+LOSS_TYPES = ("thurstone", "thurstone_constant", "bt", "bt_margin")
+LOSS_FORMS = ("fidelity", "nll")
+
 
 def thurstone_variance(sigma: torch.Tensor, scale: float = 2.0, floor: float = 0.05) -> torch.Tensor:
     """Utility variance of an image seen at noise level `sigma`: `scale * sigma**2 + floor`."""

@@ -36,7 +36,7 @@ from .backbones import (
     resolve_base_folder,
 )
 from .configuration_dina import DiNaConfig
-from .noise import NoiseGrid
+from .noise import NoiseGrid, noise_latents
 from .reward_head import DiNaRewardHead
 from .safe_files import fsync_path, write_json_atomic
 
@@ -52,10 +52,15 @@ class DiNaRewardOutput(ModelOutput):
     Args:
         rewards (`torch.FloatTensor` of shape `(batch_size,)`): the raw rewards.
         scores (`torch.FloatTensor` of shape `(batch_size,)`): the released normalisation `(raw + offset) / scale`.
+        sigmas (`torch.FloatTensor`, *optional*): from `score_clean`, the snapped noise levels used: `(K,)` for a
+            K-level ensemble, `(1,)` or `(batch_size,)` for one level.
+        timesteps (`torch.FloatTensor`, *optional*): the matching transformer timesteps (`sigma * 1000`).
     """
 
     rewards: torch.FloatTensor | None = None
     scores: torch.FloatTensor | None = None
+    sigmas: torch.FloatTensor | None = None
+    timesteps: torch.FloatTensor | None = None
 
 
 class DiNaRewardModel(PreTrainedModel):
@@ -225,6 +230,50 @@ class DiNaRewardModel(PreTrainedModel):
                 f"`encoder_attention_mask` has shape {tuple(mask.shape)}, the prompt embeddings "
                 f"{tuple(embeds.shape[:2])}."
             )
+
+    def noised_inputs(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        **noise_kwargs,
+    ) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+        """`forward` arguments for clean latents, and the snapped sigmas (`noise.noise_latents` with the model's grid;
+        `noise_kwargs` as in [`score_clean`]). A trainer whose model is wrapped (DDP) calls the wrapper with them."""
+        noised, sigmas, timesteps = noise_latents(self.noise_grid, latents, **noise_kwargs)
+        inputs = {
+            "latents": noised.to(self.dtype),
+            "timestep": timesteps,
+            "encoder_hidden_states": prompt_embeds.to(self.dtype),
+            "pooled_projections": None if pooled_prompt_embeds is None else pooled_prompt_embeds.to(self.dtype),
+            "encoder_attention_mask": encoder_attention_mask,
+        }
+        return inputs, sigmas
+
+    def score_clean(
+        self, latents, prompt_embeds, pooled_prompt_embeds=None, encoder_attention_mask=None, **noise_kwargs
+    ) -> DiNaRewardOutput:
+        """Rewards of clean latents, the one scoring path of the package (pipeline, trainer, alignment, Shapes):
+        [`noised_inputs`] (snap, noise), then one batched backbone call for every level and the head (SPEC §3).
+
+        Args:
+            latents: `(B, C, H, W)` clean latents (VAE space, shifted and scaled).
+            prompt_embeds, pooled_prompt_embeds: `(B, L, D)` and `(B, P)` prompt encodings (pooled: SD3, FLUX).
+            encoder_attention_mask: `(B, L)` prompt mask (Qwen-Image, Z-Image).
+            noise_level: one level in [0, 1] for all items, or a `(B,)` tensor of one level per item.
+            noise_levels: the K levels of a noise ensemble (one reward per item from the K levels' tokens).
+            noise: `(B, C, H, W)` Gaussian draw; else drawn with `generator` (on the generator's device, so a seeded
+                CPU generator gives the same noise on every device) or the global RNG.
+        Returns a [`DiNaRewardOutput`] with fp32 `rewards`/`scores` and the `sigmas`/`timesteps` used.
+        """
+        inputs, sigmas = self.noised_inputs(
+            latents, prompt_embeds, pooled_prompt_embeds, encoder_attention_mask, **noise_kwargs
+        )
+        rewards = self(*inputs.values()).rewards.float()  # positional, as `forward` hooks see a direct call
+        return DiNaRewardOutput(
+            rewards=rewards, scores=self.normalize(rewards), sigmas=sigmas, timesteps=inputs["timestep"]
+        )
 
     # ----------------------------------------------------------------------------------------------- building
 

@@ -8,6 +8,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from scipy.special import betaincinv
 
+NOISE_SAMPLING_SCHEMES = ("uniform", "logit_normal", "mode", "beta", "power", "constant")
 NOISE_MODES = ("shared", "independent")
 """How evaluation draws noise: one draw for the images of a prompt (common random numbers, SPEC §1), or one per
 image (the authors' evaluation: `randn_like` on every call)."""
@@ -53,6 +54,38 @@ def add_noise(clean_latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Ten
     if sigma.ndim == 1:
         sigma = sigma.view(-1, *([1] * (clean_latents.ndim - 1)))
     return (1.0 - sigma) * clean_latents + sigma * noise
+
+
+def noise_latents(
+    grid: NoiseGrid,
+    latents: torch.Tensor,
+    *,
+    noise_level: float | torch.Tensor | None = None,
+    noise_levels: list[float] | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clean `(B, C, H, W)` latents at snapped noise levels: `(noised, sigmas, timesteps)` in fp32.
+
+    `noise_level` is one level for all items or a `(B,)` tensor of one level per item (noised `(B, C, H, W)`);
+    `noise_levels` the K levels of an ensemble (noised `(K, B, C, H, W)`). One draw per item is shared by every
+    level: `noise`, else drawn from `generator` on its own device (a seeded CPU generator gives the same noise on
+    every device), else from the global RNG."""
+    if (noise_level is None) == (noise_levels is None):
+        raise ValueError("pass exactly one of `noise_level` (one level) and `noise_levels` (an ensemble).")
+    if noise_levels is not None and not len(noise_levels):
+        raise ValueError("`noise_levels` is empty: give at least one level for the ensemble.")
+    sigmas, timesteps = grid.snap(noise_levels if noise_levels is not None else noise_level)
+    sigmas, timesteps = sigmas.to(latents.device), timesteps.to(latents.device)
+    if noise is None:
+        device = generator.device if generator is not None else latents.device
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
+    clean, noise = latents.float(), noise.to(device=latents.device, dtype=torch.float32)
+    if noise_levels is not None:
+        noised = torch.stack([add_noise(clean, noise, sigma) for sigma in sigmas])
+    else:
+        noised = add_noise(clean, noise, sigmas if len(sigmas) > 1 else sigmas[0])
+    return noised, sigmas, timesteps
 
 
 def sample_noise_levels(

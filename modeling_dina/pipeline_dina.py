@@ -19,32 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import numbers
-import os
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from .configuration_dina import DiNaConfig
+from .image_processing_dina import DiNaImageProcessor, as_image_list, vae_encode
 from .losses import preference_probability, thurstone_variance
-from .modeling_dina import ADAPTER_NAME, DiNaRewardModel
-from .noise import NoiseGrid, add_noise
+from .modeling_dina import DiNaRewardModel
+from .noise import NoiseGrid
+from .pipeline_loading import TEXT_COMPONENTS, DiNaPipelineLoaderMixin
 
 DEFAULT_SEED = 0
-TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
-# 16-bit images; older Pillow opens 16-bit PNGs as 32-bit mode "I" with the same 0..65535 range.
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @dataclass
@@ -63,7 +55,7 @@ class DiNaRewardPipelineOutput(BaseOutput):
     timesteps: torch.Tensor
 
 
-class DiNaRewardPipeline(DiffusionPipeline):
+class DiNaRewardPipeline(DiNaPipelineLoaderMixin, DiffusionPipeline):
     r"""
     Scores (prompt, image) or (prompt, latent) pairs with a [`DiNaRewardModel`]: the SD3 prompt encoding (no
     classifier-free guidance), the SD3 VAE for images, noise at a snapped level of the base's training grid, then the
@@ -114,6 +106,7 @@ class DiNaRewardPipeline(DiffusionPipeline):
             tokenizer_3=tokenizer_3,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = DiNaImageProcessor.from_backbone(reward_model.backbone, self.vae_scale_factor)
         self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
         if scheduler is not None:
             # A fresh scheduler's sigmas (SPEC §1), even if a generator called `set_timesteps` on the shared one.
@@ -130,108 +123,6 @@ class DiNaRewardPipeline(DiffusionPipeline):
     def noise_grid(self) -> NoiseGrid:
         """Where noise levels snap: the reward model's training grid."""
         return self.reward_model.noise_grid
-
-    # ------------------------------------------------------------------------------------------------- loading
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DiNaRewardPipeline:
-        """Load from a DiNa model folder / Hub repo, or from a folder written by this pipeline's `save_pretrained`.
-
-        For a DiNa model, the reward model is loaded with [`DiNaRewardModel.from_pretrained`] and the text encoders,
-        tokenizers, VAE and scheduler come from the base named in its config (`base_model_name_or_path`). Pass any
-        component (`vae=...`, `reward_model=...`) to use it instead, or `base_model="folder or id"` to read the base
-        from elsewhere (e.g. a local copy). `dtype`/`torch_dtype` and `device_map` work as in diffusers; the VAE stays
-        in fp32 unless a dict `dtype` names it.
-        """
-        name = os.fspath(pretrained_model_name_or_path)
-        if not os.path.isdir(name) and (
-            os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
-        ):
-            raise FileNotFoundError(
-                f"`pretrained_model_name_or_path` {name!r} is neither a folder nor a Hub repo id (`owner/name`)."
-            )
-        dtype = kwargs.pop("dtype", None)
-        dtype = _component_dtypes(dtype if dtype is not None else kwargs.pop("torch_dtype", None))
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        revision = kwargs.pop("revision", None)
-        base_model = kwargs.pop("base_model", None)
-        if base_model is not None and not isinstance(base_model, (str, os.PathLike)):
-            raise TypeError(
-                "`base_model` must be a folder or Hub id here; to share a loaded generator use `from_pipe`."
-            )
-        base_model = os.fspath(base_model) if base_model is not None else None
-        saved_pipeline = _is_pipeline_folder(name, revision)
-        reward_model = kwargs.pop("reward_model", None)
-        if reward_model is None:
-            device_map = kwargs.get("device_map")
-            reward_model = DiNaRewardModel.from_pretrained(
-                name,
-                subfolder="reward_model" if saved_pipeline else "",
-                base_model=base_model,
-                dtype=dtype.get("reward_model", dtype.get("default")) if dtype is not None else None,
-                device_map=_accelerator() if device_map == "balanced" else device_map,
-                revision=revision,
-            )
-        if saved_pipeline:
-            return super().from_pretrained(name, reward_model=reward_model, revision=revision, **kwargs)
-        # Where the reward model found its base (a relative base resolves against the model folder), else as named.
-        base = base_model or reward_model.base_location or reward_model.config.base_model_name_or_path
-        if not base:
-            raise ValueError(
-                f"the reward model {name!r} names no base (empty `base_model_name_or_path`): pass `base_model`."
-            )
-        pipe = super().from_pretrained(
-            base, reward_model=reward_model, revision=reward_model.config.base_model_revision, **kwargs
-        )
-        pipe.register_to_config(_name_or_path=name)
-        return pipe
-
-    @classmethod
-    def from_pipe(cls, pipeline: DiffusionPipeline, reward_model=None, **kwargs) -> DiNaRewardPipeline:
-        """Share an SD3 generator's text encoders, tokenizers, VAE and scheduler (no copy) with a reward pipeline.
-
-        Args:
-            pipeline: a `StableDiffusion3Pipeline` (or any pipeline with the same components and a `transformer`).
-            reward_model: a loaded [`DiNaRewardModel`], or a [`DiNaConfig`] / DiNa folder, built on
-                `pipeline.transformer` so that the backbone's frozen blocks ARE the generator's (its own LoRA is
-                switched on only while scoring, the generator's output is unchanged).
-            kwargs: components to use instead of the generator's (e.g. `vae=...`).
-        """
-        # Not diffusers' `from_pipe`: it casts every component (shared with the generator!) to fp32 by default.
-        if reward_model is None:
-            raise ValueError("`reward_model` is required: a DiNaRewardModel, a DiNaConfig or a DiNa folder.")
-        transformer = getattr(pipeline, "transformer", None)
-        if isinstance(reward_model, (DiNaConfig, str, os.PathLike)):
-            if transformer is None:
-                raise ValueError("`pipeline` has no `transformer` to build the reward model on.")
-            if any(ADAPTER_NAME in getattr(module, "lora_A", {}) for module in transformer.modules()):
-                # A second build would silently replace the first reward model's LoRA in the shared blocks.
-                raise ValueError(
-                    "`pipeline.transformer` already carries a DiNa reward adapter: pass the DiNaRewardModel built on "
-                    "it as `reward_model` instead of building another one."
-                )
-            if isinstance(reward_model, DiNaConfig):
-                extra = {}
-                if reward_model.scheduler_config is None and getattr(pipeline, "scheduler", None) is not None:
-                    extra["scheduler_config"] = {k: v for k, v in pipeline.scheduler.config.items() if k[0] != "_"}
-                reward_model = DiNaRewardModel.from_base(transformer, reward_model, **extra)
-            else:
-                reward_model = DiNaRewardModel.from_pretrained(reward_model, base_model=transformer)
-            # LoRA and head follow the generator; for the shared blocks this is a no-op (same device and dtype).
-            reward_model = reward_model.to(device=transformer.device, dtype=transformer.dtype).eval()
-        elif not isinstance(reward_model, DiNaRewardModel):
-            raise TypeError(
-                f"`reward_model` must be a DiNaRewardModel, DiNaConfig or folder, got {type(reward_model).__name__}."
-            )
-        components = {name: getattr(pipeline, name, None) for name in ("scheduler", "vae", *TEXT_COMPONENTS)}
-        unknown = sorted(set(kwargs) - set(components))
-        if unknown:
-            raise TypeError(f"unexpected arguments {unknown}; components are {sorted(components)}.")
-        pipe = cls(reward_model=reward_model, **{**components, **kwargs})
-        if getattr(pipeline.config, "_name_or_path", None):
-            pipe.register_to_config(_name_or_path=pipeline.config._name_or_path)
-        return pipe
 
     # ------------------------------------------------------------------------------------------------- scoring
 
@@ -361,11 +252,13 @@ class DiNaRewardPipeline(DiffusionPipeline):
         groups = [first.setdefault(g, len(first)) for g in inverse.tolist()]
         return embeds, pooled, groups, [f"<prompt_embeds {g}>" for g in range(len(first))]
 
-    def _size_groups(self, items) -> dict[tuple[int, int], list[int]]:
-        """Item indices grouped by the size they are scored at (see the module docstring), in order of appearance."""
+    def _size_groups(self, images) -> dict[tuple[int, int], list[int]]:
+        """Image indices grouped by the size they are scored at (see the module docstring), in order of appearance."""
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault(self._target_size(*item.size, item.where), []).append(i)
+        processor = self.image_processor
+        for i, image in enumerate(images):
+            size = processor.scoring_size(*processor.size_of(image, f"images[{i}]"), f"images[{i}]")
+            groups.setdefault(size, []).append(i)
         return groups
 
     def _check_image_noise(self, noise, size_groups) -> None:
@@ -382,36 +275,22 @@ class DiNaRewardPipeline(DiffusionPipeline):
         if tuple(noise.shape[1:]) != shape:
             raise ValueError(f"`noise` has shape {tuple(noise.shape[1:])} per item; the images' latents are {shape}.")
 
-    def _target_size(self, height: int, width: int, where: str) -> tuple[int, int]:
-        backbone = self.reward_model.backbone
-        multiple = self.vae_scale_factor * backbone.patch_size
-        max_side = backbone.max_patches * multiple
-        if min(height, width) < multiple:
-            raise ValueError(
-                f"`{where}` is {width}x{height} pixels, smaller than one latent patch ({multiple}x{multiple} pixels)."
-            )
-        scale = min(1.0, max_side / max(height, width))
-        size = (math.floor(height * scale / multiple) * multiple, math.floor(width * scale / multiple) * multiple)
-        if min(size) < multiple:
-            raise ValueError(
-                f"`{where}` is {width}x{height} pixels: fitting its longer side into {max_side} pixels leaves the "
-                f"shorter below one latent patch ({multiple} pixels)."
-            )
-        return size
-
-    def _encode_images(self, items, size, sample_posterior, generator, device) -> torch.Tensor:
-        """Pixels -> clean VAE latents `(z - shift_factor) * scaling_factor` (SPEC §4), one batched VAE call."""
-        pixels = []
-        for item in items:
-            image = item.pixels()
-            if tuple(image.shape[-2:]) != size:
-                image = F.interpolate(image[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
-            pixels.append(image.clamp(0, 1))
-        pixels = torch.stack(pixels).to(device=device, dtype=self.vae.dtype) * 2 - 1
-        posterior = self.vae.encode(pixels).latent_dist
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        shift = self.vae.config.shift_factor or 0.0
-        return ((z - shift) * self.vae.config.scaling_factor).float()
+    def encode_images(
+        self,
+        images,
+        *,
+        size: tuple[int, int] | None = None,
+        sample_posterior: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Images (any kind `DiNaImageProcessor` reads) -> clean latents `(N, C, h, w)` in fp32: decoded, upright,
+        alpha over white, fitted to `size` (default: each image's scoring size, which must then be one size), through
+        the VAE (its mean, or a posterior sample with `sample_posterior`), shifted and scaled (SPEC §4). The training
+        cache runs the same functions, so a file gives the same latents in both."""
+        if self.vae is None:
+            raise ValueError("`encode_images` needs a `vae`; this pipeline has none.")
+        pixels = self.image_processor.preprocess_images(images, size)
+        return vae_encode(self.vae, pixels, sample_posterior=sample_posterior, generator=generator)
 
     def default_noise(self, latents: torch.Tensor, prompt=None, pooled_prompt_embeds=None) -> torch.Tensor:
         """The noise `__call__` draws for clean `latents` `(B, C, H, W)` given neither `noise` nor `generator`: one
@@ -478,7 +357,7 @@ class DiNaRewardPipeline(DiffusionPipeline):
         # 1. Check inputs
         levels, ensemble = self._noise_levels(noise_level, noise_levels, images is not None)
         if images is not None:
-            images = _as_image_items(images)
+            images = as_image_list(images)
         num = self.check_inputs(
             prompt, images, latents, prompt_embeds, pooled_prompt_embeds, noise, generator, batch_size
         )
@@ -488,20 +367,17 @@ class DiNaRewardPipeline(DiffusionPipeline):
         else:
             size_groups = {tuple(latents.shape[-2:]): list(range(num))}
         device = self._execution_device
-        dtype = self.reward_model.dtype
-        sigmas, timesteps = self.noise_grid.snap(levels)
-        grad_mode = contextlib.nullcontext() if differentiable else torch.no_grad()
+        levels_arg = {"noise_levels": levels} if ensemble else {"noise_level": levels[0]}
         if sample_posterior and generator is None:
             posterior_generator = torch.Generator().manual_seed(DEFAULT_SEED)
         else:
             posterior_generator = generator
 
-        with grad_mode:
+        with contextlib.nullcontext() if differentiable else torch.no_grad():
             # 2. Encode the prompt, once per distinct prompt
             embeds, pooled, prompt_group, group_keys = self._prompt_groups(
                 prompt, prompt_embeds, pooled_prompt_embeds, num, device
             )
-            # 3. Prepare latents, batch by batch: images grouped by the size they are scored at, latents as one group
             batches = [
                 (size, indices[start : start + batch_size])
                 for size, indices in size_groups.items()
@@ -511,15 +387,19 @@ class DiNaRewardPipeline(DiffusionPipeline):
             order, parts = [], []
             with self.progress_bar(total=len(batches)) as progress:
                 for size, batch in batches:
+                    # 3. Prepare clean latents: images grouped by the size they are scored at, latents as one group
                     if images is not None:
-                        clean = self._encode_images(
-                            [images[i] for i in batch], size, sample_posterior, posterior_generator, device
-                        )
+                        clean = self.encode_images(
+                            [images[i] for i in batch],
+                            size=size,
+                            sample_posterior=sample_posterior,
+                            generator=posterior_generator,
+                        ).to(device)
                     else:
                         clean = latents[batch].to(device=device, dtype=torch.float32)
                     # 4. Noise: one draw per (prompt, size) group, the same for every ensemble level
                     if noise is not None:
-                        eps = noise[batch].to(device=device, dtype=torch.float32)
+                        eps = noise[batch]
                     else:
                         draws = []
                         for i in batch:
@@ -528,27 +408,20 @@ class DiNaRewardPipeline(DiffusionPipeline):
                                 drawn[key] = self._noise(key[0], key[1], generator, device)
                             draws.append(drawn[key])
                         eps = torch.cat(draws)
-                    noised = torch.stack([add_noise(clean, eps, sigma.item()) for sigma in sigmas]).to(dtype)
-                    # 5. Score
+                    # 5. Score: snap, noise, one backbone call for every level, the head
                     rows = [prompt_group[i] for i in batch] if prompt is not None else batch
                     rows = torch.as_tensor(rows, device=device)
-                    step = timesteps.to(device)
-                    out = self.reward_model(
-                        noised if ensemble else noised[0],
-                        step if ensemble else step[0],
-                        embeds[rows].to(dtype),
-                        pooled[rows].to(dtype),
-                    )
+                    out = self.reward_model.score_clean(clean, embeds[rows], pooled[rows], noise=eps, **levels_arg)
                     order.extend(batch)
-                    parts.append(out.rewards.float())
+                    parts.append(out.rewards)
                     progress.update()
             rewards = torch.cat(parts)[torch.as_tensor(order, device=device).argsort()]
             scores = self.reward_model.normalize(rewards)
 
         self.maybe_free_model_hooks()
         if not return_dict:
-            return rewards, scores, sigmas, timesteps
-        return DiNaRewardPipelineOutput(rewards=rewards, scores=scores, sigmas=sigmas, timesteps=timesteps)
+            return rewards, scores, out.sigmas, out.timesteps
+        return DiNaRewardPipelineOutput(rewards=rewards, scores=scores, sigmas=out.sigmas, timesteps=out.timesteps)
 
     def compare(self, prompt, image_a, image_b, noise_level: float | None = None, **kwargs) -> float | torch.Tensor:
         """Calibrated `P(a > b)` of SPEC §2: `Phi((s_a - s_b) / sqrt(2 var(sigma) + eps))` at the sigma used.
@@ -570,149 +443,6 @@ class DiNaRewardPipeline(DiffusionPipeline):
         n = len(side_a)
         p = preference_probability(out.rewards[:n], out.rewards[n:], var, var, config.loss_eps)
         return p.item() if single else p
-
-
-# ----------------------------------------------------------------------------------------------------- images
-
-
-class _ImageItem:
-    """One input image: its size known up front (files are only opened for their header), pixels decoded on use."""
-
-    def __init__(self, source, where: str):
-        self.where = where
-        if isinstance(source, (str, os.PathLike)):
-            path = os.fspath(source)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"`{where}`: no such file {path!r}.")
-            try:
-                with PIL.Image.open(path) as image:
-                    width, height = image.size
-            except (PIL.UnidentifiedImageError, OSError) as err:
-                raise ValueError(f"`{where}`: {path!r} is not a readable image ({err}).") from err
-            self.source = path
-        elif isinstance(source, PIL.Image.Image):
-            width, height = source.size
-            self.source = source
-        elif isinstance(source, np.ndarray):
-            self.source = _array_to_tensor(source, where)
-            height, width = self.source.shape[-2:]
-        elif isinstance(source, torch.Tensor):
-            self.source = _tensor_to_rgb(source, where)
-            height, width = self.source.shape[-2:]
-        else:
-            raise TypeError(
-                f"`{where}` must be a PIL image, a file path, a numpy (H, W, C) array or a torch (C, H, W) tensor, "
-                f"got {type(source).__name__}."
-            )
-        self.size = (int(height), int(width))
-
-    def pixels(self) -> torch.Tensor:
-        """`(3, H, W)` float RGB in [0, 1]."""
-        if isinstance(self.source, torch.Tensor):
-            return self.source
-        try:
-            if isinstance(self.source, str):
-                with PIL.Image.open(self.source) as image:
-                    return _pil_to_tensor(image, self.where)
-            return _pil_to_tensor(self.source, self.where)
-        except OSError as err:
-            raise ValueError(f"`{self.where}`: the image could not be decoded ({err}).") from err
-
-
-def _as_image_items(images) -> list[_ImageItem]:
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        images = list(images)  # a batch: NHWC numpy or NCHW torch
-    elif not isinstance(images, (list, tuple)):
-        images = [images]
-    return [_ImageItem(image, f"images[{i}]") for i, image in enumerate(images)]
-
-
-def _pil_to_tensor(image: PIL.Image.Image, where: str) -> torch.Tensor:
-    if image.mode in _SIXTEEN_BIT_MODES:
-        array = np.asarray(image, dtype=np.float32) / 65535.0
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float32)
-    else:
-        alpha = "A" in image.getbands() or "transparency" in image.info
-        array = np.asarray(image.convert("RGBA" if alpha else "RGB"), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    return _tensor_to_rgb(tensor.movedim(-1, 0) if tensor.ndim == 3 else tensor, where)
-
-
-def _array_to_tensor(array: np.ndarray, where: str) -> torch.Tensor:
-    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"`{where}`: a numpy image must be (H, W) or (H, W, C) with C in 1, 3, 4; got {array.shape}.")
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    elif array.dtype == np.uint16:
-        array = array.astype(np.float32) / 65535.0
-    elif not np.issubdtype(array.dtype, np.floating):
-        raise TypeError(f"`{where}`: numpy images must be uint8, uint16 or float in [0, 1], got {array.dtype}.")
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    return _tensor_to_rgb(tensor.movedim(-1, 0) if tensor.ndim == 3 else tensor, where)
-
-
-def _tensor_to_rgb(tensor: torch.Tensor, where: str) -> torch.Tensor:
-    """`(H, W)` or `(C, H, W)` with C in 1, 3, 4, uint8 or float in [0, 1] -> `(3, H, W)` float; alpha over white."""
-    if tensor.ndim == 2:
-        tensor = tensor[None]
-    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
-        raise ValueError(f"`{where}`: a tensor image must be (C, H, W), C in 1, 3, 4; got {tuple(tensor.shape)}.")
-    if tensor.dtype == torch.uint8:
-        tensor = tensor.float() / 255.0
-    elif not tensor.is_floating_point():
-        raise TypeError(f"`{where}`: tensor images must be uint8 or float in [0, 1], got {tensor.dtype}.")
-    else:
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"`{where}` contains NaN or infinite values.")
-        low, high = tensor.min().item(), tensor.max().item()
-        # A little slack for decoder round-off; a [-1, 1] or [0, 255] image is an error, not something to guess.
-        if low < -0.01 or high > 1.01:
-            raise ValueError(
-                f"`{where}` has values in [{low:.3g}, {high:.3g}]; float images must lie in [0, 1] "
-                "(map [-1, 1] images with (x + 1) / 2)."
-            )
-        tensor = tensor.clamp(0, 1)
-    if tensor.shape[0] == 1:
-        tensor = tensor.expand(3, -1, -1)
-    elif tensor.shape[0] == 4:
-        rgb, alpha = tensor[:3], tensor[3:]
-        tensor = rgb * alpha + (1 - alpha)
-    return tensor
-
-
-# ----------------------------------------------------------------------------------------------------- loading
-
-
-def _component_dtypes(dtype):
-    """A diffusers `dtype` argument with the VAE in fp32 unless named (precision of the latents matters)."""
-    if isinstance(dtype, str) and dtype != "auto":
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"`dtype` {dtype!r} is not a torch dtype name (e.g. 'bfloat16').")
-        dtype = getattr(torch, dtype)
-    if dtype == "auto":
-        dtype = None
-    if dtype is None:
-        return None
-    if isinstance(dtype, dict):
-        return {"vae": torch.float32, **dtype}
-    return {"default": dtype, "vae": torch.float32}
-
-
-def _is_pipeline_folder(name: str, revision: str | None) -> bool:
-    """A folder written by a pipeline's `save_pretrained` (has `model_index.json`), as opposed to a DiNa model."""
-    if os.path.isdir(name):
-        return os.path.isfile(os.path.join(name, "model_index.json"))
-    try:
-        hf_hub_download(name, "model_index.json", revision=revision)
-    except EntryNotFoundError:
-        return False
-    return True
-
-
-def _accelerator() -> torch.device | None:
-    accelerator = torch.accelerator.current_accelerator()
-    return torch.device(accelerator.type, 0) if accelerator is not None else None
 
 
 __all__ = ["DiNaRewardPipeline", "DiNaRewardPipelineOutput"]

@@ -152,6 +152,10 @@ class DiNaScorer(Scorer):
         self.pipe, self.noise_level = pipe, noise_level if noise_level is not None else list(noise_levels)
         self.noise, self.seed = noise, seed
 
+    def prepare_images(self, images: list) -> list:
+        """The images as given: the pipeline reads them itself, through the same image processor as the cache."""
+        return images
+
     def _score_batch(self, prompts: list[str], images: list) -> torch.Tensor:
         levels = {"noise_levels" if isinstance(self.noise_level, list) else "noise_level": self.noise_level}
         if self.noise == "shared":

@@ -5,16 +5,19 @@ import torch
 from transformers import AutoConfig
 
 from modeling_dina import DiNaConfig, DiNaRewardModel
+from modeling_dina.training import DiNaTrainingArguments
 
 
-def test_released_defaults():
+def test_released_defaults(tmp_path):
     c = DiNaConfig()
+    args = DiNaTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
     assert c.base_model_name_or_path == "stabilityai/stable-diffusion-3.5-medium"
     assert (c.num_backbone_layers, c.visual_layers, c.text_layers) == (12, [4, 8, 12], [4, 8, 12])
     assert (c.lora_rank, c.lora_alpha, c.lora_init) == (64, 128, "gaussian")
     assert (c.token_dim, c.resolved_head_width, c.resolved_head_feature_width) == (1536, 1536, 384)
     assert (c.head_num_queries, c.head_num_attention_heads, c.use_logistic) == (4, 8, False)
-    assert (c.loss_type, c.loss_form, c.variance_scale, c.variance_floor) == ("thurstone", "fidelity", 2.0, 0.05)
+    assert (args.loss_type, args.loss_form, c.variance_scale, c.variance_floor) == ("thurstone", "fidelity", 2.0, 0.05)
+    assert (args.noise_sampling, args.resolve_with(c)["variance_scale"]) == ("uniform", 2.0)
     assert (c.noise_level_latents, c.ensemble_noise_levels, c.max_sequence_length) == (0.4, [0.2, 0.5, 0.7], 128)
     assert (c.score_offset, c.score_scale) == (10.0, 10.0)
 

@@ -23,8 +23,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from modeling_dina import DiNaConfig, DiNaRewardModel
-from modeling_dina.configuration_dina import LOSS_TYPES
-from modeling_dina.losses import preference_loss
+from modeling_dina.losses import LOSS_TYPES, preference_loss
 from modeling_dina.training import (
     BucketSampler,
     CachedPreferenceDataset,
@@ -199,8 +198,8 @@ def test_each_loss_kind_trains(tiny_sd3_dir, train_set, tmp_path, overrides):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
     assert any(not torch.equal(start[k], v) for k, v in trainable(model).items())
-    for name, value in overrides.items():  # set arguments replace the config's values; the rest are kept
-        assert getattr(model.config, name) == value
+    for name, value in overrides.items():  # the arguments say how it trains; the model config holds none of it
+        assert trainer.knobs[name] == value and name not in model.config.to_dict()
     assert model.config.variance_scale == 2.0 and trainer.eval_noise_levels == [0.2, 0.5]
 
 
@@ -390,7 +389,7 @@ def test_trainer_batches_by_latent_size(tiny_sd3_dir, train_set, tmp_path):
     trainer = DiNaTrainer(tiny_model(tiny_sd3_dir), training_args(tmp_path), train_dataset=train_set)
     shapes = [tuple(batch["chosen_latents"].shape) for batch in trainer.get_train_dataloader()]
     assert sorted(shapes) == [(4, 4, 12, 16)] + [(4, 4, 16, 16)] * 3
-    eval_batches = trainer._eval_batches(train_set)  # per_device_eval_batch_size 8: 4 landscape, then 8 + 4 square
+    eval_batches = list(trainer.get_eval_dataloader(train_set).batch_sampler)  # batch 8: 4 landscape, 8 + 4 square
     assert [len(b) for b in eval_batches] == [4, 8, 4]
     assert all(len({train_set.bucket_ids[i] for i in b}) == 1 for b in eval_batches)
 
@@ -444,7 +443,8 @@ def test_push_uploads_lora_head_config_and_card(tiny_sd3_dir, train_set, tmp_pat
     trainer.save_model()
     trainer.create_model_card(model_name="me/dina-tiny", dataset="me/pairs", eval_dataset="me/held-out")
     backbones = ["backbones.py", *(f"backbone_{name}.py" for name in ("base", "flux", "qwenimage", "sd3", "zimage"))]
-    code = [*backbones, "configuration_dina.py", "modeling_dina.py", "noise.py", "reward_head.py", "safe_files.py"]
+    code = [*backbones, "configuration_dina.py", "losses.py", "modeling_dina.py", "noise.py", "reward_head.py"]
+    code.append("safe_files.py")
     saved = ["config.json", "model.safetensors", "save_manifest.json"]
     expected = sorted(["README.md", *saved, "training_args.bin", *code])
     assert files_to_upload(tmp_path / "out", TRAINER_IGNORE_PATTERNS) == expected

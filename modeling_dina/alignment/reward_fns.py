@@ -13,12 +13,11 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from ..modeling_dina import DiNaRewardModel
-from ..noise import add_noise
 
 
 class DiNaLatentReward:
-    """Differentiable DiNa-LRM reward of clean latents: noise them at the snapped level(s) (`add_noise` with a fresh
-    Gaussian draw), then the reward forward. Several levels form the noise ensemble of SPEC §3 (same draw for all).
+    """Differentiable DiNa-LRM reward of clean latents (`DiNaRewardModel.score_clean` with a fresh Gaussian draw per
+    call). Several levels form the noise ensemble of SPEC §3 (same draw for all).
 
     Args:
         model: the reward model (its backbone may be shared with the generator being aligned).
@@ -31,7 +30,7 @@ class DiNaLatentReward:
         levels = [noise_level] if isinstance(noise_level, (int, float)) else list(noise_level)
         if not levels:
             raise ValueError("`noise_level` must name at least one level.")
-        self.sigmas, self.timesteps = model.noise_grid.snap(levels)
+        self.levels = {"noise_level": levels[0]} if len(levels) == 1 else {"noise_levels": levels}
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(
@@ -43,17 +42,9 @@ class DiNaLatentReward:
     ) -> torch.Tensor:
         """Raw rewards `(B,)` in float32; `noise` (shaped like `latents`) replaces the draw."""
         if noise is None:
-            noise = torch.randn(latents.shape, generator=self.generator).to(latents.device, latents.dtype)
-        dtype = self.model.dtype
-        noisy = torch.stack([add_noise(latents, noise, sigma.item()) for sigma in self.sigmas]).to(dtype)
-        single = len(self.sigmas) == 1
-        rewards = self.model(
-            noisy[0] if single else noisy,
-            self.timesteps[0] if single else self.timesteps,
-            prompt_embeds.to(dtype),
-            pooled_prompt_embeds.to(dtype),
-        ).rewards
-        return rewards.float()
+            noise = torch.randn(latents.shape, generator=self.generator)
+        out = self.model.score_clean(latents, prompt_embeds, pooled_prompt_embeds, noise=noise, **self.levels)
+        return out.rewards
 
 
 @torch.no_grad()

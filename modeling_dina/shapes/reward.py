@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..losses import bradley_terry_loss
 from ..metrics import pairwise_accuracy
 from ..modeling_dina import DiNaRewardModel
-from ..noise import NOISE_MODES, add_noise
+from ..noise import NOISE_MODES
 from ..training import DiNaTrainer, DiNaTrainingArguments, PreferenceCollator
 from .generator import MAX_SEQUENCE_LENGTH
 
@@ -59,12 +59,13 @@ SHAPES_DINA = dict(
     noise_level_latents=0.4,
     noise_level_images=0.1,
 )
-VARIANTS: dict[str, dict] = {
-    "dina": {},  # noise-calibrated Thurstone, uniform noise levels, LoRA: the method
-    "thurstone_constant": {"loss_type": "thurstone_constant"},
-    "bradley_terry": {"loss_type": "bt"},
-    "clean_only": {"noise_sampling": "constant", "constant_noise_level": 0.0},
-    "frozen_backbone": {"use_lora": False},
+# Each ablation: (DiNaConfig overrides, DiNaTrainingArguments overrides).
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "dina": ({}, {}),  # noise-calibrated Thurstone, uniform noise levels, LoRA: the method
+    "thurstone_constant": ({}, {"loss_type": "thurstone_constant"}),
+    "bradley_terry": ({}, {"loss_type": "bt"}),
+    "clean_only": ({}, {"noise_sampling": "constant", "constant_noise_level": 0.0}),
+    "frozen_backbone": ({"use_lora": False}, {}),
 }
 EVAL_LEVELS = (0.1, 0.2, 0.4, 0.5, 0.7, 0.9)
 ENSEMBLE_LEVELS = (0.2, 0.5, 0.7)
@@ -87,7 +88,8 @@ def train_dina_reward(
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
     torch.manual_seed(seed)
-    model = DiNaRewardModel.from_base(str(generator_dir), **SHAPES_DINA, **VARIANTS[variant])
+    model_overrides, training_overrides = VARIANTS[variant]
+    model = DiNaRewardModel.from_base(str(generator_dir), **SHAPES_DINA, **model_overrides)
     scratch = tempfile.TemporaryDirectory()  # the Trainer's own output; nothing of it is kept
     args = DiNaTrainingArguments(
         output_dir=scratch.name,
@@ -104,6 +106,7 @@ def train_dina_reward(
         data_seed=seed,
         disable_tqdm=not progress,
         dataloader_num_workers=0,
+        **training_overrides,
     )
     with scratch:
         DiNaTrainer(model, args, train_dataset=train_cache).train()
@@ -133,15 +136,13 @@ def _noised_rewards(
     shared by the chosen and the rejected latent, or with `noise="independent"` one draw each."""
     chosen, rejected = batch["chosen_latents"], batch["rejected_latents"]
     draws = 1 if noise == "shared" else 2
-    eps = torch.randn((draws, *chosen.shape), generator=generator).to(chosen.device)
-    sigma, timestep = model.noise_grid.snap(list(levels))
-    latents = torch.cat([chosen, rejected])
-    noised = torch.stack([add_noise(latents, torch.cat([eps[0], eps[-1]]), s.item()) for s in sigma])
-    rewards = model(
-        noised,
-        timestep,
+    eps = torch.randn((draws, *chosen.shape), generator=generator)
+    rewards = model.score_clean(
+        torch.cat([chosen, rejected]),
         batch["prompt_embeds"].repeat(2, 1, 1),
         batch["pooled_prompt_embeds"].repeat(2, 1),
+        noise=torch.cat([eps[0], eps[-1]]),
+        noise_levels=list(levels),
     ).rewards
     return rewards.view(2, -1)
 

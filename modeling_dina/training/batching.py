@@ -71,4 +71,14 @@ class BucketSampler(torch.utils.data.Sampler[int]):
             yield from chunks[position].tolist()
 
 
-__all__ = ["BucketSampler", "INPUT_NAMES", "PreferenceCollator"]
+def single_size_batches(bucket_ids: Sequence[Hashable], batch_size: int) -> list[list[int]]:
+    """Evaluation batches: every index once, batches of one bucket, in dataset order within each bucket."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    groups: dict[Hashable, list[int]] = {}
+    for index, bucket in enumerate(bucket_ids):
+        groups.setdefault(bucket, []).append(index)
+    return [g[i : i + batch_size] for _, g in sorted(groups.items()) for i in range(0, len(g), batch_size)]
+
+
+__all__ = ["BucketSampler", "INPUT_NAMES", "PreferenceCollator", "single_size_batches"]

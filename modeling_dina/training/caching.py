@@ -21,7 +21,6 @@ bucket batch together.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -31,53 +30,27 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from datasets import Array2D, Dataset, Features, Image, List, Value, concatenate_datasets, load_from_disk
 from diffusers import StableDiffusion3Pipeline
-from PIL import Image as PILImage
-from PIL import ImageOps
 from tqdm.auto import tqdm
 
 from ..backbones import read_backbone_config, resolve_base_folder
 from ..data import validate_pairs
+from ..image_processing_dina import DiNaImageProcessor, vae_encode
+from .buckets import BUCKET_POLICIES, RELEASED_BUCKETS, RELEASED_MIN_AREA, make_buckets, nearest_bucket, pair_bucket
 
 logger = logging.getLogger(__name__)
 
 CACHE_INFO_NAME = "cache_info.json"
 SKIPPED_ROWS_NAME = "skipped_rows.json"
 _SHARDS = "shards"
+_SETTINGS_ADDED_LATER = {"bucket_policy": "dense", "sample_posterior": False}  # what older caches were made with
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Buckets and encoders
+# Encoders
 # ----------------------------------------------------------------------------------------------------------
-def make_buckets(
-    resolution: int, multiple: int, *, max_aspect_ratio: float = 3.0, max_side: int | None = None
-) -> list[tuple[int, int]]:
-    """`(width, height)` sizes, both multiples of `multiple` and at most `max_side`, of about `resolution**2` pixels
-    with aspect ratios up to `max_aspect_ratio`."""
-    if resolution < multiple or max_aspect_ratio < 1:
-        raise ValueError(
-            f"need resolution >= {multiple} and max_aspect_ratio >= 1, got {resolution}, {max_aspect_ratio}."
-        )
-    limit = max_side or math.ceil(resolution * math.sqrt(max_aspect_ratio))
-    buckets = set()
-    for height in range(multiple, limit + 1, multiple):
-        width = min(max(multiple, round(resolution**2 / height / multiple) * multiple), limit // multiple * multiple)
-        if 1 / max_aspect_ratio <= width / height <= max_aspect_ratio:
-            buckets.add((width, height))
-    if not buckets:
-        raise ValueError(f"no bucket fits resolution {resolution} with sides <= {limit}")
-    return sorted(buckets)
-
-
-def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest (in log scale) to `width / height`."""
-    target = math.log(width / height)
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - target), -b[0] * b[1]))
-
-
 def load_encoders(
     base_or_pipeline, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> StableDiffusion3Pipeline:
@@ -112,32 +85,23 @@ def encode_prompts(
     return torch.cat(embeds), torch.cat(pooled)
 
 
-def image_to_pixels(image: PILImage.Image, size: tuple[int, int]) -> torch.Tensor:
-    """An RGB image resized and centre-cropped to `size` = (width, height), as a `(3, H, W)` tensor in [-1, 1]."""
-    image = ImageOps.fit(image.convert("RGB"), size, method=PILImage.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+def image_to_pixels(
+    image, size: tuple[int, int], *, mode: str = "crop", processor: DiNaImageProcessor | None = None
+) -> torch.Tensor:
+    """An image fitted to `size` = (width, height) by the image processor (the pipeline's decoding: EXIF orientation,
+    alpha over white, 16-bit), as a `(3, H, W)` tensor in [-1, 1]."""
+    processor = processor or DiNaImageProcessor()
+    return processor.preprocess_images([image], (size[1], size[0]), mode=mode)[0]
 
 
 @torch.no_grad()
-def encode_images(pipe, pixels: torch.Tensor, *, batch_size: int) -> torch.Tensor:
-    """VAE latents `(mean - shift_factor) * scaling_factor` (fp32, CPU) of `(N, 3, H, W)` pixels in [-1, 1]."""
-    vae = pipe.vae
-    shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+def encode_images(pipe, pixels: torch.Tensor, *, batch_size: int, sample_posterior: bool = False, generator=None):
+    """VAE latents (fp32, CPU) of `(N, 3, H, W)` pixels in [-1, 1], by `vae_encode` (the pipeline's own)."""
     latents = []
     for start in range(0, len(pixels), batch_size):
-        batch = pixels[start : start + batch_size].to(vae.device, vae.dtype)
-        latents.append(((vae.encode(batch).latent_dist.mean.float() - shift) * scale).cpu())
+        batch = pixels[start : start + batch_size]
+        latents.append(vae_encode(pipe.vae, batch, sample_posterior=sample_posterior, generator=generator).cpu())
     return torch.cat(latents)
-
-
-def read_image(cell: dict) -> PILImage.Image:
-    """Decode an undecoded `datasets.Image` cell (`bytes` or `path`), fully, as RGB."""
-    source = io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell.get("path")
-    if source is None:
-        raise ValueError("the image cell has neither bytes nor a path")
-    with PILImage.open(source) as image:
-        image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,6 +172,8 @@ def cache_preference_dataset(
     resolution: int | None = None,
     buckets: Sequence[tuple[int, int]] | None = None,
     max_aspect_ratio: float = 3.0,
+    bucket_policy: str = "dense",
+    sample_posterior: bool = False,
     shard_size: int = 1000,
     storage_dtype: str = "float32",
     device: str | torch.device | None = None,
@@ -223,10 +189,19 @@ def cache_preference_dataset(
         max_sequence_length: T5 tokens of the prompt encoding (the release trained with 128).
         resolution: side of the square of the buckets' area in pixels (default: the base's native size).
         buckets: explicit `(width, height)` buckets instead of those made from `resolution` (e.g. one square).
+        bucket_policy: `"dense"` (buckets of about `resolution**2` pixels, each image centre-cropped to its pair's
+            bucket) or `"released"` (the authors' recipe: `RELEASED_BUCKETS`, pairs below 256² dropped, stretched
+            with LANCZOS).
+        sample_posterior: store a sample of the VAE posterior instead of its mean (the release trained on
+            `latent_dist.sample()`); seeded per shard, so an interrupted run resumes identically.
         shard_size: pairs per shard (the unit of resumption).
         storage_dtype: `"float32"` or `"float16"` for the stored latents and embeddings.
         device, dtype: where and in which dtype the text encoders run (the VAE of a loaded folder runs in fp32).
     """
+    if bucket_policy not in BUCKET_POLICIES:
+        raise ValueError(f"bucket_policy must be one of {BUCKET_POLICIES}, got {bucket_policy!r}")
+    if bucket_policy == "released" and (buckets is not None or resolution is not None):
+        raise ValueError("the released bucket policy has its own buckets: leave `buckets` and `resolution` unset.")
     if storage_dtype not in ("float32", "float16"):
         raise ValueError(f"storage_dtype must be 'float32' or 'float16', got {storage_dtype!r}")
     if batch_size < 1 or shard_size < 1:
@@ -244,6 +219,8 @@ def cache_preference_dataset(
         "resolution": resolution,
         "buckets": [list(b) for b in buckets] if buckets is not None else None,
         "max_aspect_ratio": max_aspect_ratio,
+        "bucket_policy": bucket_policy,
+        "sample_posterior": sample_posterior,
         "shard_size": shard_size,
         "storage_dtype": storage_dtype,
     }
@@ -253,7 +230,9 @@ def cache_preference_dataset(
 
     pipe = load_encoders(base_or_pipeline, device=device, dtype=dtype)
     multiple, max_side, native = _geometry(base_or_pipeline, pipe)
-    if buckets is None:
+    if bucket_policy == "released":
+        buckets = [b for tier in RELEASED_BUCKETS.values() for b in tier]
+    elif buckets is None:
         buckets = make_buckets(resolution or native, multiple, max_aspect_ratio=max_aspect_ratio, max_side=max_side)
     buckets = [tuple(int(v) for v in b) for b in buckets]
     bad = [b for b in buckets if b[0] % multiple or b[1] % multiple or (max_side and max(b) > max_side)]
@@ -270,6 +249,8 @@ def cache_preference_dataset(
 def read_cache_info(output_dir, settings: dict) -> dict | None:
     """The `cache_info.json` of `output_dir` (None if there is none), refused when made with other `settings`."""
     info = _read_json(os.path.join(output_dir, CACHE_INFO_NAME))
+    if info is not None:
+        info = {**_SETTINGS_ADDED_LATER, **info}
     if info is not None and {k: info.get(k) for k in settings} != settings:
         changed = sorted(k for k in settings if info.get(k) != settings[k])
         raise ValueError(
@@ -320,13 +301,14 @@ class _Pair(NamedTuple):
     prompt: str
     label: float
     bucket: tuple[int, int]
-    images: dict[str, PILImage.Image]
+    images: dict[str, torch.Tensor]
 
 
-def _read_pairs(pairs: Dataset, rows: range, buckets) -> tuple[list[_Pair], list[dict]]:
-    """Decode the images of `rows`; rows with an unreadable (or missing) image or no prompt are logged and listed,
-    not returned."""
+def _read_pairs(pairs: Dataset, rows: range, buckets, policy: str) -> tuple[list[_Pair], list[dict]]:
+    """Decode the images of `rows` with the image processor; rows with an unreadable (or missing) image, no prompt
+    or (released policy) images below the smallest bucket area are logged and listed, not returned."""
     batch = pairs.select(rows).select_columns(["prompt", "chosen", "rejected", "label"])[:]
+    processor = DiNaImageProcessor()
     items, skipped = [], []
     for offset, row in enumerate(rows):
         if not isinstance(batch["prompt"][offset], str):
@@ -336,33 +318,44 @@ def _read_pairs(pairs: Dataset, rows: range, buckets) -> tuple[list[_Pair], list
         images = {}
         for side in ("chosen", "rejected"):
             try:
-                images[side] = read_image(batch[side][offset])
+                images[side] = processor.to_tensor(batch[side][offset], f"row {row} {side}")
             except Exception as err:  # any decoding failure: report the row, never drop it silently
-                logger.warning(f"row {row}: cannot read the {side} image ({type(err).__name__}: {err}); skipped")
-                skipped.append({"row": row, "column": side, "error": f"{type(err).__name__}: {err}"})
+                cause = err.__cause__ or err
+                logger.warning(f"row {row}: cannot read the {side} image ({type(cause).__name__}: {err}); skipped")
+                skipped.append({"row": row, "column": side, "error": f"{type(cause).__name__}: {err}"})
                 break
         else:
-            chosen, rejected = images["chosen"], images["rejected"]
-            aspect = math.sqrt(chosen.width * rejected.width / (chosen.height * rejected.height))
-            bucket = nearest_bucket(aspect, 1.0, buckets)
+            sizes = [tuple(image.shape[-2:]) for image in images.values()]  # (height, width) each
+            bucket = pair_bucket(sizes, buckets, policy)
+            if bucket is None:
+                logger.warning(f"row {row}: images {sizes} are below the smallest released bucket area; skipped")
+                skipped.append({"row": row, "column": "chosen", "error": f"below {RELEASED_MIN_AREA} pixels"})
+                continue
             items.append(_Pair(row, batch["prompt"][offset], float(batch["label"][offset]), bucket, images))
     return items, skipped
 
 
 def _write_shard(pairs, rows, folder, pipe, prompt_index, buckets, settings, batch_size) -> None:
-    """Encode the pairs `rows` and their new prompts into `folder`, atomically."""
-    items, skipped = _read_pairs(pairs, rows, buckets)
-    latents: dict[tuple[int, str], np.ndarray] = {}
-    for bucket in sorted({item.bucket for item in items}):
-        group = [item for item in items if item.bucket == bucket]
-        for side in ("chosen", "rejected"):
-            pixels = torch.stack([image_to_pixels(item.images[side], bucket) for item in group])
-            for item, z in zip(group, encode_images(pipe, pixels, batch_size=batch_size).numpy()):
-                latents[item.row, side] = z
-    encoded = [
-        (item.row, item.prompt, item.label, latents[item.row, "chosen"], latents[item.row, "rejected"])
-        for item in items
-    ]
+    """Encode the pairs `rows` and their new prompts into `folder` (`write_cache_part`). Images are decoded, fitted
+    and encoded `batch_size` rows at a time, so memory does not grow with the shard."""
+    policy, sample = settings["bucket_policy"], settings["sample_posterior"]
+    mode = "stretch" if policy == "released" else "crop"
+    generator = torch.Generator().manual_seed(int(os.path.basename(folder)))  # posterior samples, resumable
+    encoded, skipped = [], []
+    for start in range(rows.start, rows.stop, batch_size):
+        chunk, bad = _read_pairs(pairs, range(start, min(start + batch_size, rows.stop)), buckets, policy)
+        skipped.extend(bad)
+        latents = {}
+        for bucket in sorted({item.bucket for item in chunk}):
+            group = [item for item in chunk if item.bucket == bucket]
+            for side in ("chosen", "rejected"):
+                pixels = torch.stack([image_to_pixels(item.images[side], bucket, mode=mode) for item in group])
+                z = encode_images(pipe, pixels, batch_size=batch_size, sample_posterior=sample, generator=generator)
+                latents.update({(item.row, side): value for item, value in zip(group, z.numpy())})
+        encoded.extend(
+            (item.row, item.prompt, item.label, latents[item.row, "chosen"], latents[item.row, "rejected"])
+            for item in chunk
+        )
     write_cache_part(folder, encoded, skipped, prompt_index, pipe, settings, batch_size)
 
 
@@ -453,5 +446,4 @@ __all__ = [
     "load_encoders",
     "make_buckets",
     "nearest_bucket",
-    "read_image",
 ]

@@ -29,7 +29,7 @@ from ..data import groups_to_pairs, load_preference_data
 from ..modeling_dina import DiNaRewardModel
 from ..safe_files import full_disk_explained
 from .arguments import DiNaTrainingArguments
-from .caching import SKIPPED_ROWS_NAME, cache_preference_dataset, load_cached_preferences
+from .caching import BUCKET_POLICIES, SKIPPED_ROWS_NAME, cache_preference_dataset, load_cached_preferences
 from .checkpoints import claim_output_dir, latest_complete_checkpoint
 from .released_data import import_released_data
 from .trainer import DiNaTrainer
@@ -175,6 +175,16 @@ def add_cache_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-sequence-length", type=int, default=128, help="T5 tokens (the release used 128)")
     parser.add_argument("--resolution", type=int, default=None, help="bucket area side in pixels (default: native)")
+    parser.add_argument(
+        "--bucket-policy",
+        choices=BUCKET_POLICIES,
+        default="dense",
+        help="dense: buckets of about --resolution² pixels, centre-cropped; released: the authors' 13 fixed buckets "
+        "(256², 512², 1024² areas), pairs below 256² dropped, LANCZOS stretch",
+    )
+    parser.add_argument(
+        "--sample-posterior", action="store_true", help="store VAE posterior samples (as the release trained on)"
+    )
     parser.add_argument("--shard-size", type=int, default=1000, help="pairs per resumable shard")
     parser.add_argument("--storage-dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--device", default=None, help="device of the encoders, e.g. cuda")
@@ -197,6 +207,7 @@ def run_cache(args: argparse.Namespace) -> None:
     )
     if "images" in dataset.column_names:
         dataset = groups_to_pairs(dataset, include_ties=args.include_ties)
+    options.update(bucket_policy=args.bucket_policy, sample_posterior=args.sample_posterior)
     cached = cache_preference_dataset(dataset, args.base, args.output, resolution=args.resolution, **options)
     skipped = len(dataset) - len(cached)
     note = f"; {skipped} skipped, listed in {os.path.join(args.output, SKIPPED_ROWS_NAME)}" if skipped else ""

@@ -71,6 +71,7 @@ def make_model_card(
     metrics: dict[str, float] | None = None,
     eval_dataset: str | None = None,
     training_steps: int | None = None,
+    training: dict | None = None,
     license: str | None = None,
     tags: Sequence[str] | None = None,
     language: str | None = None,
@@ -78,6 +79,7 @@ def make_model_card(
     """A model card with Hub metadata (base model, training `datasets`, tags, and `metrics` as evaluation results on
     `eval_dataset` when it is named) and a body saying how to load the model."""
     repo_id = repo_id or "<user>/<repo>"
+    training = {**config.legacy_training_values, **(training or {})}
     datasets = list(datasets or [])
     metrics = dict(metrics or {})
     eval_results = [
@@ -116,9 +118,9 @@ def make_model_card(
         num_layers=config.num_backbone_layers,
         lora_rank=config.lora_rank,
         datasets=", ".join(f"`{d}`" for d in datasets) or "not recorded",
-        loss_type=config.loss_type,
-        loss_form=config.loss_form,
-        noise_sampling=config.noise_sampling,
+        loss_type=training.get("loss_type", "not recorded"),
+        loss_form=training.get("loss_form", "not recorded"),
+        noise_sampling=training.get("noise_sampling", "not recorded"),
         visual_layers=list(config.visual_layers),
         text_layers=list(config.text_layers),
         steps=f"\n- Optimizer steps: {training_steps}" if training_steps is not None else "",

@@ -20,35 +20,23 @@ Distributed training goes through the `Trainer`'s own arguments and launchers (`
 from __future__ import annotations
 
 import os
-import time
 from contextlib import nullcontext
 
 import torch
-from accelerate.utils import gather_object
 from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import speed_metrics
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction
 
 from ..losses import preference_loss
 from ..metrics import pairwise_accuracy
 from ..modeling_dina import WEIGHTS_NAME, DiNaRewardModel
-from ..noise import add_noise, sample_noise_levels
-from .arguments import MODEL_CONFIG_FIELDS, DiNaTrainingArguments
-from .batching import BucketSampler, PreferenceCollator
+from ..noise import sample_noise_levels
+from .arguments import LOSS_ARGUMENTS, SAMPLING_ARGUMENTS, DiNaTrainingArguments
+from .batching import BucketSampler, PreferenceCollator, single_size_batches
 from .checkpoints import CheckpointCompletionCallback
 from .ema import EMACallback
 from .hub import make_model_card
-
-_SAMPLING_PARAMETERS = (
-    "logit_mean",
-    "logit_std",
-    "mode_scale",
-    "beta_alpha",
-    "beta_beta",
-    "power_exponent",
-    "constant_noise_level",
-)
 
 
 class DiNaTrainer(Trainer):
@@ -78,9 +66,7 @@ class DiNaTrainer(Trainer):
             raise TypeError(f"DiNaTrainer trains a DiNaRewardModel, got {type(model).__name__}.")
         if not isinstance(args, DiNaTrainingArguments):
             raise TypeError(f"DiNaTrainer needs DiNaTrainingArguments, got {type(args).__name__}.")
-        for name in MODEL_CONFIG_FIELDS:
-            if getattr(args, name) is not None:
-                setattr(model.config, name, getattr(args, name))
+        self.knobs = args.resolve_with(model.config)  # loss and sampling settings actually trained with
         callbacks = list(callbacks or [])
         if args.ema_decay > 0:
             callbacks.append(EMACallback(args.ema_decay))
@@ -92,6 +78,7 @@ class DiNaTrainer(Trainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             callbacks=callbacks,
+            compute_metrics=kwargs.pop("compute_metrics", None) or self.accuracy_metrics,
             **kwargs,
         )
         if self.is_fsdp_enabled or getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", None) == 3:
@@ -101,7 +88,6 @@ class DiNaTrainer(Trainer):
             )
         self._train_stats: torch.Tensor | None = None
         self._eval_generator: torch.Generator | None = None
-        self._saving_checkpoint = False
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -121,32 +107,23 @@ class DiNaTrainer(Trainer):
     def _ema_weights(self):
         return self.ema.applied(self.dina) if self.ema is not None else nullcontext()
 
-    def _score(self, model, inputs, noised: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """Rewards `(2, B)` (fp32) of noised latents laid out as `[chosen; rejected]` on the batch axis, `(2B, C, H, W)`
-        or `(K, 2B, C, H, W)` for a K-level ensemble: one batched forward."""
-        dtype = self.dina.dtype
-        rewards = model(
-            latents=noised.to(dtype),
-            timestep=timestep,
-            encoder_hidden_states=inputs["prompt_embeds"].repeat(2, 1, 1).to(dtype),
-            pooled_projections=inputs["pooled_prompt_embeds"].repeat(2, 1).to(dtype),
-        ).rewards
-        return rewards.float().view(2, -1)
+    def _score(self, model, inputs, latents: torch.Tensor, noise: torch.Tensor, **levels) -> tuple:
+        """Rewards `(2, B)` (fp32) of a batch's chosen and rejected latents, stacked on the batch axis as
+        `[chosen; rejected]` with one shared noise draw, through the (possibly wrapped) `model` in one batched forward;
+        and the sigmas used. `levels` are `noise_level(s)` of `DiNaRewardModel.noised_inputs`."""
+        forward, sigmas = self.dina.noised_inputs(
+            latents,
+            inputs["prompt_embeds"].repeat(2, 1, 1),
+            inputs["pooled_prompt_embeds"].repeat(2, 1),
+            noise=torch.cat([noise, noise]),
+            **levels,
+        )
+        return model(**forward).rewards.float().view(2, -1), sigmas
 
     def _loss(self, rewards: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        config = self.dina.config
+        knobs = {name: self.knobs[name] for name in LOSS_ARGUMENTS}
         return preference_loss(
-            config.loss_type,
-            rewards[0],
-            rewards[1],
-            sigma,
-            labels,
-            loss_form=config.loss_form,
-            variance_scale=config.variance_scale,
-            variance_floor=config.variance_floor,
-            constant_variance=config.constant_variance,
-            bt_margin=config.bt_margin,
-            eps=config.loss_eps,
+            knobs.pop("loss_type"), rewards[0], rewards[1], sigma, labels, eps=self.dina.config.loss_eps, **knobs
         )
 
     def _pairs(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,9 +139,7 @@ class DiNaTrainer(Trainer):
         batch is drawn on every process and each keeps its slice, so the split across processes does not matter."""
         n, world, rank = latents.shape[0], self.accelerator.num_processes, self.accelerator.process_index
         levels = sample_noise_levels(
-            world * n,
-            self.dina.config.noise_sampling,
-            **{name: getattr(self.dina.config, name) for name in _SAMPLING_PARAMETERS},
+            world * n, self.knobs["noise_sampling"], **{name: self.knobs[name] for name in SAMPLING_ARGUMENTS}
         )
         noise = torch.randn((world * n, *latents.shape[1:]), device=latents.device)
         return levels[rank * n : (rank + 1) * n], noise[rank * n : (rank + 1) * n]
@@ -173,9 +148,8 @@ class DiNaTrainer(Trainer):
         """The preference loss of a batch at one sampled noise level per pair, shared by its two images."""
         chosen, rejected = self._pairs(inputs)
         levels, noise = self._draw_training_noise(chosen)
-        sigma, timestep = (t.to(chosen.device) for t in self.dina.noise_grid.snap(levels))
-        noised = add_noise(torch.cat([chosen, rejected]).float(), torch.cat([noise, noise]), torch.cat([sigma, sigma]))
-        rewards = self._score(model, inputs, noised, torch.cat([timestep, timestep]))
+        rewards, sigmas = self._score(model, inputs, torch.cat([chosen, rejected]), noise, noise_level=levels.repeat(2))
+        sigma = sigmas[: len(levels)]
         loss = self._loss(rewards, sigma, inputs["labels"])
         if model.training:
             self._accumulate_train_stats(rewards.detach(), sigma, inputs["labels"])
@@ -226,6 +200,28 @@ class DiNaTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Single-size batches for datasets with `bucket_ids` (each pair once, in dataset order within a size)."""
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        dataset = dataset if dataset is not None else self.eval_dataset
+        if getattr(dataset, "bucket_ids", None) is None:
+            return super().get_eval_dataloader(eval_dataset)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=single_size_batches(dataset.bucket_ids, self.args.eval_batch_size),
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The `Trainer`'s evaluation with the EMA weights when EMA is on, and the evaluation noise drawn from a
+        generator seeded with `args.seed`, so every evaluation sees the same draws."""
+        self._eval_generator = None
+        with self._ema_weights():
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Rewards of a batch at each evaluation noise level and for their ensemble (one noise draw per pair, shared
         by levels and by the pair's images). Returns `(loss, rewards (B, K + 1, 2), labels)`; the loss is the mean
@@ -234,88 +230,46 @@ class DiNaTrainer(Trainer):
         chosen, rejected = self._pairs(inputs)
         if self._eval_generator is None:
             self._eval_generator = torch.Generator(chosen.device).manual_seed(self.args.seed)
-        sigmas, timesteps = (t.to(chosen.device) for t in self.dina.noise_grid.snap(self.eval_noise_levels))
         noise = torch.randn(chosen.shape, generator=self._eval_generator, device=chosen.device)
-        latents, noise = torch.cat([chosen, rejected]).float(), torch.cat([noise, noise])
-        noised = torch.stack([add_noise(latents, noise, s) for s in sigmas])
+        latents, levels, labels = torch.cat([chosen, rejected]), self.eval_noise_levels, inputs["labels"]
         with torch.no_grad():
-            rewards = [self._score(model, inputs, noised[k], timesteps[k]) for k in range(len(sigmas))]
-            rewards.append(self._score(model, inputs, noised, timesteps))
-            labels = inputs["labels"]
-            loss = torch.stack([self._loss(r, s.expand(len(labels)), labels) for r, s in zip(rewards, sigmas)]).mean()
+            scored = [self._score(model, inputs, latents, noise, noise_level=u) for u in levels]
+            rewards = [r for r, _ in scored] + [self._score(model, inputs, latents, noise, noise_levels=levels)[0]]
+            sigmas = [s.expand(len(labels)) for _, s in scored]
+            loss = torch.stack([self._loss(r, s, labels) for r, s in zip(rewards, sigmas)]).mean()
         logits = torch.stack(rewards).permute(2, 0, 1)
         return loss, None if prediction_loss_only else logits, labels
 
-    def _eval_batches(self, dataset) -> list[list[int]]:
-        """This process's share of single-size evaluation batches, in dataset order within each size."""
-        bucket_ids = getattr(dataset, "bucket_ids", None) or [0] * len(dataset)
-        batches, size = [], self.args.eval_batch_size
-        for bucket in sorted(set(bucket_ids)):
-            indices = [i for i, b in enumerate(bucket_ids) if b == bucket]
-            batches.extend(indices[i : i + size] for i in range(0, len(indices), size))
-        return batches[self.args.process_index :: self.args.world_size]
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Loss and pairwise accuracy (tie-labelled pairs excluded) at each evaluation noise level and for their
-        ensemble, with the EMA weights when EMA is on. The noise is drawn from a generator seeded with `args.seed`,
-        so every evaluation sees the same draws."""
-        if isinstance(eval_dataset, str):
-            eval_dataset = self.eval_dataset[eval_dataset]
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(dataset, dict):
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if dataset is None:
-            raise ValueError("evaluation needs an eval_dataset.")
-        self._memory_tracker.start()
-        start_time = time.time()
-        self._eval_generator = None
-        records = []
-        model = self.dina
-        model.eval()
-        with self._ema_weights():
-            for indices in self._eval_batches(dataset):
-                batch = self.data_collator([dataset[i] for i in indices])
-                loss, rewards, labels = self.prediction_step(model, batch, prediction_loss_only=False)
-                records.append((loss.item() * len(indices), rewards.cpu(), labels.cpu()))
-        if self.args.world_size > 1:
-            records = gather_object(records)
-        rewards = torch.cat([r[1] for r in records])
-        labels = torch.cat([r[2] for r in records])
-        metrics = {f"{metric_key_prefix}_loss": sum(r[0] for r in records) / len(labels)}
+    def accuracy_metrics(self, prediction: EvalPrediction) -> dict[str, float]:
+        """`compute_metrics`: pairwise accuracy (tie-labelled pairs excluded) at each evaluation noise level
+        (`accuracy_u<level>`) and for their ensemble (`accuracy_ensemble`)."""
+        rewards = torch.as_tensor(prediction.predictions)
+        labels = torch.as_tensor(prediction.label_ids)
         names = [f"u{u:g}" for u in self.eval_noise_levels] + ["ensemble"]
-        for k, name in enumerate(names):
-            accuracy = pairwise_accuracy(rewards[:, k, 0], rewards[:, k, 1], labels)["accuracy"]
-            metrics[f"{metric_key_prefix}_accuracy_{name}"] = accuracy
-        metrics.update(speed_metrics(metric_key_prefix, start_time, num_samples=len(labels)))
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        self._memory_tracker.stop_and_update_metrics(metrics)
-        return metrics
+        return {
+            f"accuracy_{name}": pairwise_accuracy(rewards[:, k, 0], rewards[:, k, 1], labels)["accuracy"]
+            for k, name in enumerate(names)
+        }
 
     # ------------------------------------------------------------------------------------------------ saving
 
-    def _save_checkpoint(self, model, trial):
-        self._saving_checkpoint = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._saving_checkpoint = False
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write LoRA + head + config with the model's own `save_pretrained` (the frozen base is named, not copied).
-        Checkpoints hold the training weights and the EMA state; final saves hold the EMA weights when EMA is on."""
+        Checkpoints (`checkpoint-*` folders) hold the training weights and the EMA state; other saves hold the EMA
+        weights when EMA is on."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        if self._saving_checkpoint:
-            self.dina.save_pretrained(output_dir)
-            if self.ema is not None:
-                self.ema.save(output_dir)
-        else:
-            with self._ema_weights():
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
                 self.dina.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+                if self.ema is not None:
+                    self.ema.save(output_dir)
+            else:
+                with self._ema_weights():
+                    self.dina.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load LoRA + head (and the EMA state when EMA is on) from a checkpoint written by `_save_checkpoint`."""
@@ -354,6 +308,7 @@ class DiNaTrainer(Trainer):
             metrics={k: v for k, v in last.items() if k.startswith("eval_accuracy") and v == v},  # NaN: all ties
             eval_dataset=eval_dataset,
             training_steps=self.state.global_step,
+            training=self.knobs,
             license=license,
             tags=[tags] if isinstance(tags, str) else tags,
             language=language,
