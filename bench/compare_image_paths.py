@@ -42,7 +42,7 @@ def write_files(folder: str) -> dict[str, str]:
     exif[0x0112] = 6  # stored rotated; a viewer turns it 90° clockwise
     PILImage.fromarray(image).transpose(PILImage.Transpose.ROTATE_90).save(paths["exif.jpg"], exif=exif.tobytes())
     deep = np.asarray(PILImage.fromarray(image).convert("L"), dtype=np.uint16) * 257
-    PILImage.fromarray(deep, "I;16").save(paths["deep.png"])
+    PILImage.fromarray(deep).save(paths["deep.png"])
     return paths
 
 

@@ -41,7 +41,7 @@ def _exif_jpeg(path) -> None:
 def _sixteen_bit_png(path) -> np.ndarray:
     """A 32x32 grey 16-bit PNG using the low byte too; returns its values in [0, 1]."""
     values = np.random.default_rng(2).integers(0, 65536, (32, 32), dtype=np.uint16)
-    PILImage.fromarray(values, "I;16").save(path)
+    PILImage.fromarray(values).save(path)
     return values.astype(np.float32) / 65535.0
 
 
@@ -102,7 +102,7 @@ def test_released_buckets():
     assert released_bucket(1.0, 255 * 255) is None  # dropped
 
 
-def test_cached_and_scored_files_get_equal_rewards(files, tiny_reward_pipe, tmp_path, monkeypatch):
+def test_cached_and_scored_files_get_equal_rewards(files, tiny_sd3_dir, tiny_reward_pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
     paths, _, _ = files
     pipe, model = tiny_reward_pipe, tiny_reward_pipe.reward_model
@@ -117,7 +117,7 @@ def test_cached_and_scored_files_get_equal_rewards(files, tiny_reward_pipe, tmp_
     )
     cached = cache_preference_dataset(
         pairs,
-        pipe,
+        tiny_sd3_dir,  # the reward model's base, as `dina cache --base` names it
         tmp_path / "cache",
         buckets=[(32, 32), (32, 24)],  # (width, height): the files' own upright sizes
         max_sequence_length=model.config.max_sequence_length,

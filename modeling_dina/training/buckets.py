@@ -34,8 +34,9 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
 
 
 # The released recipe's buckets (`(width, height)`, SD3 multiples): seven at about 1024², three at 512², three at
-# 256²; a pair goes to the tier of its smaller image's area and there to the nearest aspect ratio (ratios within
-# `RELEASED_ASPECT_TOLERANCE` of each other count as equal, the first listed wins), and is stretched to it (LANCZOS).
+# 256². A pair goes to the largest tier whose smallest bucket its smaller image covers, there to the nearest aspect
+# ratio (ratios within `RELEASED_ASPECT_TOLERANCE` of the best count as equal, the first listed wins), and is
+# stretched to it (LANCZOS).
 RELEASED_BUCKETS = {
     1024: [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344)],
     512: [(512, 512), (576, 448), (448, 576)],
@@ -48,10 +49,11 @@ BUCKET_POLICIES = ("dense", "released")
 
 def released_bucket(aspect: float, area: int) -> tuple[int, int] | None:
     """The released bucket for an image (or pair) of `aspect` = width / height and `area` pixels; None below 256²."""
-    tiers = [side for side in sorted(RELEASED_BUCKETS, reverse=True) if area >= side * side]
-    if not tiers:
+    if area < RELEASED_MIN_AREA:
         return None
-    candidates = RELEASED_BUCKETS[tiers[0]]
+    tiers = sorted(RELEASED_BUCKETS.items(), reverse=True)
+    covered = [tier for _, tier in tiers if area >= min(w * h for w, h in tier)]
+    candidates = covered[0]
     best = min(abs(w / h - aspect) for w, h in candidates)
     return next(b for b in candidates if abs(b[0] / b[1] - aspect) <= best + RELEASED_ASPECT_TOLERANCE)
 
