@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pipeline_dina import DiNaRewardPipeline, _as_image_items
+from ..image_processing_dina import as_image_list
+from ..pipeline_dina import DiNaRewardPipeline
 from .protocol import ImageRequest, LatentRequest, ModelSpec, seeded_noise
 
 WARMUP_SIDE = 2  # latent patches a side in the warm-up call
@@ -123,11 +124,11 @@ class RewardEngine:
         pipe = self.pipe
         level = pipe.reward_model.config.noise_level_images if request.noise_level is None else request.noise_level
         embeds, pooled = self.encode_prompts(request.prompts)
-        images = _as_image_items(request.images)
+        images = as_image_list(request.images)
         items: list[ScoreItem | None] = [None] * len(images)
         for size, indices in pipe._size_groups(images).items():
             with torch.no_grad():
-                latents = pipe._encode_images([images[i] for i in indices], size, False, None, pipe._execution_device)
+                latents = pipe.encode_images([images[i] for i in indices], size=size)
             prompts = [request.prompts[i] for i in indices]
             if request.seeds is not None:
                 noise = seeded_noise(latents, torch.tensor([request.seeds[i] for i in indices]))
