@@ -78,17 +78,7 @@ def bench_family(family: str, size: int, repeats: int) -> dict:
     model = random_model(config, num_backbone_layers=1, visual_layers=[1], text_layers=[1])
     with torch.no_grad():
         features = model.backbone(latents, timestep, embeds, pooled, mask)
-    head = DiNaRewardHead(
-        token_dim=model.backbone.token_dim,
-        temb_dim=model.backbone.temb_dim,
-        num_visual_layers=len(config.visual_layers),
-        num_text_layers=len(config.text_layers),
-        width=config.resolved_head_width,
-        feature_width=config.resolved_head_feature_width,
-        num_queries=config.head_num_queries,
-        num_heads=config.head_num_attention_heads,
-        use_proj_in=config.head_use_proj_in,
-    ).eval()
+    head = DiNaRewardHead.from_config(config, model.backbone.token_dim, model.backbone.temb_dim).eval()
     del model
     visual = [features.visual[0]] * len(config.visual_layers)
     text = [features.text[0]] * len(config.text_layers)

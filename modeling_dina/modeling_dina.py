@@ -108,19 +108,7 @@ class DiNaRewardModel(PreTrainedModel):
             for name, param in self.backbone.named_parameters():
                 if f".{ADAPTER_NAME}." in name:
                     param.requires_grad_(True)
-        self.reward_head = DiNaRewardHead(
-            token_dim=self.backbone.token_dim,
-            temb_dim=self.backbone.temb_dim,
-            num_visual_layers=len(config.visual_layers),
-            num_text_layers=len(config.text_layers),
-            width=config.resolved_head_width,
-            feature_width=config.resolved_head_feature_width,
-            num_queries=config.head_num_queries,
-            num_heads=config.head_num_attention_heads,
-            dropout=config.head_dropout,
-            use_proj_in=config.head_use_proj_in,
-            use_logistic=config.use_logistic,
-        )
+        self.reward_head = DiNaRewardHead.from_config(config, self.backbone.token_dim, self.backbone.temb_dim)
         self.post_init()
 
     def _lora_layers(self):
@@ -318,6 +306,11 @@ class DiNaRewardModel(PreTrainedModel):
             config_kwargs.setdefault("lora_target_modules", list(backbone_class(backbone_type).default_lora_targets))
             config = DiNaConfig(**family, base_model_subfolder=subfolder, **config_kwargs)
         else:
+            if config.backbone_type != backbone_type:
+                raise ValueError(
+                    f"the config is for a {config.backbone_type!r} backbone, but the base is a {backbone_type!r} "
+                    "transformer: give the base the model was trained on."
+                )
             config = DiNaConfig(**{**config.to_dict(), **family, **config_kwargs})
         if folder is None:
             backbone = backbone_class(config.backbone_type).from_transformer(
@@ -447,7 +440,7 @@ class DiNaRewardModel(PreTrainedModel):
         """Load a DiNa folder or Hub repo written by `save_pretrained`.
 
         Args:
-            base_model: override the base named in the config: a loaded `SD3Transformer2DModel` (shared, not copied)
+            base_model: override the base named in the config: a loaded transformer of its family (shared, not copied)
                 or a pipeline folder / Hub id. Ignored for self-contained (merged) folders.
             dtype: e.g. `torch.bfloat16` (or `"bfloat16"`); the head and LoRA follow it.
             device_map: a single device (`"cuda"`, `"cpu"`, `torch.device`) to put the model on.

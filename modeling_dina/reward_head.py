@@ -128,6 +128,23 @@ class DiNaRewardHead(nn.Module):
             self.logistic_scale = nn.Parameter(torch.tensor(0.15))
         self.use_logistic = use_logistic
 
+    @classmethod
+    def from_config(cls, config, token_dim: int, temb_dim: int) -> DiNaRewardHead:
+        """The head a `DiNaConfig` describes, on a backbone with these token and time-embedding widths."""
+        return cls(
+            token_dim=token_dim,
+            temb_dim=temb_dim,
+            num_visual_layers=len(config.visual_layers),
+            num_text_layers=len(config.text_layers),
+            width=config.resolved_head_width,
+            feature_width=config.resolved_head_feature_width,
+            num_queries=config.head_num_queries,
+            num_heads=config.head_num_attention_heads,
+            dropout=config.head_dropout,
+            use_proj_in=config.head_use_proj_in,
+            use_logistic=config.use_logistic,
+        )
+
     @staticmethod
     def _tokens(adapters, agg, features, temb, num_levels):
         """Adapter outputs concatenated on channels, projected; the K noise levels concatenated on tokens."""

@@ -115,6 +115,9 @@ def test_rewards_gradients_and_save_load(family, tmp_path):
     model.save_pretrained(tmp_path / "dina")
     loaded = DiNaRewardModel.from_pretrained(tmp_path / "dina")
     assert loaded.config.backbone_type == family
+    other = build_tiny_transformer("zimage" if family == "flux" else "flux")
+    with pytest.raises(ValueError, match="base is a"):
+        DiNaRewardModel.from_pretrained(tmp_path / "dina", base_model=other)
     levels = torch.stack([latents, latents.flip(-1)])  # a 2-level ensemble round-trips too
     with torch.no_grad():
         for x, t in ((latents, torch.tensor(TIMESTEP)), (levels, torch.tensor([200.0, 700.0]))):
@@ -212,3 +215,31 @@ def test_family_inputs_are_checked():
         zimage(latents, torch.tensor(TIMESTEP), embeds, None, mask[:, :5])
     with pytest.raises(TypeError, match="no DiNa backbone family"):
         backbone_type_for(torch.nn.Linear)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_folder_and_activation_checkpointing(family, tmp_path):
+    """A self-contained (merged) folder loads without the base; checkpointing changes neither rewards nor grads."""
+    latents, embeds, pooled, mask = prompt_inputs(family)
+    results = []
+    for checkpointing in (False, True):
+        model = DiNaRewardModel.from_base(build_tiny_transformer(family), **TINY_FAMILY_DINA)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        rewards = model(latents, torch.tensor(TIMESTEP), embeds, pooled, mask).rewards
+        rewards.sum().backward()
+        results.append((rewards.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*(r[1] for r in results), strict=True))
+
+    model.eval().save_pretrained(tmp_path / "merged", merged=True)
+    merged = DiNaRewardModel.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        expected = model(latents, torch.tensor(TIMESTEP), embeds, pooled, mask).rewards
+        got = merged(latents, torch.tensor(TIMESTEP), embeds, pooled, mask).rewards
+    assert torch.allclose(got, expected, atol=1e-5)
