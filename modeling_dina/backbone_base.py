@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import diffusers
 import torch
 import torch.nn as nn
+from peft.tuners.lora import LoraLayer
 
 
 @dataclass
@@ -116,10 +117,29 @@ class DiNaBackbone(nn.Module):
         return (z.float() - shift) * scale
 
     def _checkpointed(self, block, *args):
-        """Run a block, through activation checkpointing when it is on and gradients are needed."""
+        """Run a block, through activation checkpointing when it is on and gradients are needed. The recomputation
+        in backward runs after the model's forward has switched the reward LoRA off again (on blocks shared with a
+        generator), so it re-activates the adapters that were active in the forward."""
         if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, *args)
+            return self._gradient_checkpointing_func(_with_active_adapters(block), *args)
         return block(*args)
+
+
+def _with_active_adapters(block: nn.Module):
+    layers = [m for m in block.modules() if isinstance(m, LoraLayer)]
+    active = [m._active_adapter for m in layers]
+
+    def run(*args):
+        saved = [m._active_adapter for m in layers]
+        for layer, adapters in zip(layers, active):
+            layer._active_adapter = adapters
+        try:
+            return block(*args)
+        finally:
+            for layer, adapters in zip(layers, saved):
+                layer._active_adapter = adapters
+
+    return run
 
 
 class TransformerSliceBackbone(DiNaBackbone):

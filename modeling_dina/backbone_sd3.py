@@ -115,14 +115,7 @@ class SD3Backbone(DiNaBackbone):
         visual = [hidden_states] if 0 in self.visual_layers else []
         text = [encoder_hidden_states] if 0 in self.text_layers else []
         for index, block in enumerate(self.transformer_blocks, start=1):
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, encoder_hidden_states, temb
-                )
-            else:
-                encoder_hidden_states, hidden_states = block(
-                    hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb
-                )
+            encoder_hidden_states, hidden_states = self._checkpointed(block, hidden_states, encoder_hidden_states, temb)
             if index in self.visual_layers:
                 visual.append(hidden_states)
             if index in self.text_layers:
