@@ -28,9 +28,9 @@ from modeling_dina.alignment import (
     sde_step,
 )
 from modeling_dina.alignment.cli import add_align_parser, run_align
-from modeling_dina.alignment.common import RewardMeter
+from modeling_dina.alignment.common import ParameterEMA, RewardMeter
 from modeling_dina.alignment.loop import _prepare
-from modeling_dina.alignment.refl import refl_step
+from modeling_dina.alignment.refl import flow_matching_loss, refl_step
 from modeling_dina.tiny_sd3 import TINY_DINA
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a cat"]
@@ -353,3 +353,103 @@ def test_align_help_says_a_config_naming_functions_is_code():
         "A config is code: its `pixel_reward` and `eval_fn` entries name `module:function`, which is imported" in text
     )
     assert "trusted configs only" in text
+
+
+def test_flow_matching_loss_by_hand(tiny_sd3_dir, tmp_path):
+    pipe = load_pipe(tiny_sd3_dir)
+    clean = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def data(batch_size, generator):
+        items = torch.randint(len(clean), (batch_size,), generator=generator)
+        return clean[items], [PROMPTS[i] for i in items.tolist()]
+
+    cfg = config(tmp_path, "fm", pretrain_weight=1.0, pretrain_batch_size=2, max_sequence_length=16)
+    ctx = _prepare(pipe, lambda *a: None, cfg, pretrain_data=data)
+    loss = flow_matching_loss(ctx)
+    g = torch.Generator().manual_seed(cfg.seed)
+    x0, prompts = data(2, g)
+    sigma = torch.sigmoid(torch.randn(2, generator=g))
+    noise = torch.randn(x0.shape, generator=g)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=16
+    )
+    s = sigma.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        v = pipe.transformer(
+            hidden_states=(1 - s) * x0 + s * noise,
+            timestep=sigma * 1000,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+        ).sample
+    torch.testing.assert_close(loss.detach(), ((v - (noise - x0)) ** 2).mean())
+    with pytest.raises(ValueError, match="pretrain_data"):
+        flow_matching_loss(_prepare(load_pipe(tiny_sd3_dir), lambda *a: None, cfg))
+
+
+def test_refl_recipe_pretrain_loss_ema_and_early_stopping(tiny_sd3_dir, tmp_path):
+    pipe, model = build(tiny_sd3_dir)
+    clean = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    data = lambda batch_size, g: (clean[:batch_size], PROMPTS[:1] * len(clean[:batch_size]))  # noqa: E731
+    seen, scripted = {}, [1.0, 3.0, 2.0, 2.0, 5.0]
+
+    def eval_fn(p, step):
+        seen[step] = generator_lora_state_dict(p.transformer)
+        return {"validation_reward": scripted[step]}
+
+    cfg = config(
+        tmp_path,
+        "recipe",
+        steps=5,
+        reward_step=[1, 2],
+        pretrain_weight=0.5,
+        ema_decay=0.5,
+        eval_every=1,
+        early_stopping_metric="validation_reward",
+        early_stopping_patience=2,
+    )
+    records = align(pipe, DiNaLatentReward(model), cfg, eval_fn=eval_fn, pretrain_data=data, progress=False)
+    # best at step 1, no improvement at steps 2 and 3: stopped there, before the (better) step 4 is ever reached
+    assert [r["step"] for r in records] == [0, 1, 2, 3] and records[-1]["best_step"] == 1
+    assert all(r["pretrain_loss"] > 0 and r["reward_step"] in (1, 2) for r in records[1:])
+    saved = {
+        k.removeprefix("transformer."): v
+        for k, v in safe_open_all(tmp_path / "recipe" / "lora" / "pytorch_lora_weights.safetensors").items()
+    }
+    assert all(torch.equal(saved[k], seen[1][k]) for k in saved)  # the best evaluated LoRA is the one saved
+    current = generator_lora_state_dict(pipe.transformer)
+    assert all(torch.equal(current[k], seen[1][k]) for k in current)  # and the pipe ends with it
+    # the evaluations saw the EMA: after one step with decay 0.5 the LoRA's B (zero at the start) is half the raw B
+    raw_pipe, raw_model = build(tiny_sd3_dir)
+    raw = {}
+    cfg = config(tmp_path, "raw", steps=1, reward_step=[1, 2], pretrain_weight=0.5, eval_every=1)
+    eval_raw = lambda p, step: raw.update({step: generator_lora_state_dict(p.transformer)}) or {}  # noqa: E731
+    align(raw_pipe, DiNaLatentReward(raw_model), cfg, eval_fn=eval_raw, pretrain_data=data, progress=False)
+    b_keys = [k for k in raw[1] if "lora_B" in k]
+    assert raw[1][b_keys[0]].abs().sum() > 0
+    assert all(torch.allclose(seen[1][k], 0.5 * raw[1][k]) for k in b_keys)
+
+
+def safe_open_all(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_parameter_ema_by_hand():
+    p = torch.nn.Parameter(torch.tensor([0.0, 2.0]))
+    ema = ParameterEMA([p], decay=0.75)
+    with torch.no_grad():
+        p.copy_(torch.tensor([4.0, 2.0]))
+    ema.update()
+    torch.testing.assert_close(ema.shadow[0], torch.tensor([1.0, 2.0]))
+    with ema.applied():
+        torch.testing.assert_close(p.detach(), torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(p.detach(), torch.tensor([4.0, 2.0]))
+
+
+def test_recipe_config_validation():
+    with pytest.raises(ValueError, match="eval_every"):
+        AlignmentConfig(early_stopping_metric="validation_reward")
+    with pytest.raises(ValueError, match="ema_decay"):
+        AlignmentConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="pretrain_weight"):
+        AlignmentConfig(method="grpo", pretrain_weight=1.0)

@@ -1,10 +1,10 @@
-"""What one alignment step needs (`StepContext`), the reward part's meter, and the optimiser step."""
+"""What one alignment step needs (`StepContext`), the reward part's meter, the optimiser step and the policy EMA."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +13,35 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import AlignmentConfig
 from .sampling import PromptEmbeddings, encode_prompts
+
+# `fn(batch_size, generator) -> (clean latents (B, C, H, W), prompts)`: real data for ReFL's flow-matching regulariser.
+PretrainData = Callable[[int, torch.Generator], tuple[torch.Tensor, list[str]]]
+
+
+class ParameterEMA:
+    """An exponential moving average of parameters (the policy EMA of the ReFL recipe), swapped in with `applied()`
+    for evaluation and saving."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self):
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - self.decay)
+
+    @contextmanager
+    def applied(self):
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
 
 
 @dataclass
@@ -28,6 +57,8 @@ class StepContext:
     height: int
     width: int
     max_sequence_length: int
+    pretrain_data: PretrainData | None = None
+    ema: ParameterEMA | None = None
 
     def encode(self, prompts: list[str]) -> PromptEmbeddings:
         return encode_prompts(
@@ -44,7 +75,13 @@ class StepContext:
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
         return float(norm)
+
+    def policy(self):
+        """The weights to evaluate and save: the EMA's when the run keeps one, else the current ones."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
 
 
 class RewardMeter:

@@ -45,6 +45,8 @@ class AlignmentConfig:
             base model's (LoRA disabled) guided velocity on the same inputs, over the gradient-carrying steps;
             `"weights"` = sum of the squared Frobenius norms of the LoRA's weight updates `scale * B @ A`.
             GRPO always uses the KL between its Gaussian transitions and the base model's (Flow-GRPO).
+        pretrain_weight, pretrain_batch_size: ReFL: weight and batch of the flow-matching ("pretrain") loss on real
+            data (`align(..., pretrain_data=...)`), the regulariser of the authors' ReFL recipe; 0 = off.
         gradient_checkpointing: checkpoint the generator transformer's blocks (the reward's are not checkpointed:
             recomputing them in the backward pass would run with the generator's adapter active).
         eta, clip_range, adv_clip_max, inner_epochs: GRPO's SDE noise level, PPO ratio clip (Flow-GRPO's 1e-4: its
@@ -52,6 +54,11 @@ class AlignmentConfig:
             optimisation epochs over each batch of trajectories.
         train_timesteps: GRPO: how many transitions per trajectory are trained, a random subset each step (None:
             all).
+        ema_decay: keep an EMA of the LoRA (the ReFL recipe's policy EMA), evaluated and saved instead of the raw
+            weights; None = off.
+        early_stopping_metric, early_stopping_patience: stop once the evaluation metric `eval/<metric>` (e.g. a
+            validation reward) has not improved for `patience` evaluations; the best evaluated LoRA is the one saved
+            (also in `best/`). None = run all steps.
         seed, output_dir, checkpoint_every (0: only the final LoRA), eval_every (0: never).
     """
 
@@ -86,6 +93,8 @@ class AlignmentConfig:
     reward_step: int | list[int] = -1
     kl_weight: float = 0.0
     kl_type: str = "prediction"
+    pretrain_weight: float = 0.0
+    pretrain_batch_size: int = 8
     gradient_checkpointing: bool = False
 
     eta: float = 0.7
@@ -93,6 +102,10 @@ class AlignmentConfig:
     adv_clip_max: float = 5.0
     inner_epochs: int = 1
     train_timesteps: int | None = None
+
+    ema_decay: float | None = None
+    early_stopping_metric: str | None = None
+    early_stopping_patience: int = 3
 
     seed: int = 0
     output_dir: str = "alignment"
@@ -104,10 +117,18 @@ class AlignmentConfig:
             raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
         if self.kl_type not in KL_TYPES:
             raise ValueError(f"`kl_type` must be one of {KL_TYPES}, got {self.kl_type!r}.")
-        for name in ("steps", "batch_size", "num_inference_steps", "inner_epochs", "lora_rank"):
+        for name in (
+            "steps",
+            "batch_size",
+            "num_inference_steps",
+            "inner_epochs",
+            "lora_rank",
+            "pretrain_batch_size",
+            "early_stopping_patience",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        for name in ("checkpoint_every", "eval_every", "kl_weight", "clip_range"):
+        for name in ("checkpoint_every", "eval_every", "kl_weight", "clip_range", "pretrain_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         for name in ("grad_steps", "train_timesteps"):
@@ -121,6 +142,12 @@ class AlignmentConfig:
             if len(self.reward_step) != 2 or self.reward_step[0] > self.reward_step[1]:
                 raise ValueError(f"`reward_step` as a range must be [lo, hi] with lo <= hi, got {self.reward_step}.")
             self.reward_step = list(self.reward_step)
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"`ema_decay` must be in [0, 1) or None, got {self.ema_decay}.")
+        if self.early_stopping_metric and not self.eval_every:
+            raise ValueError("early stopping reads the evaluations: set `eval_every` > 0.")
+        if self.pretrain_weight > 0 and self.method != "refl":
+            raise ValueError("the flow-matching `pretrain_weight` regularises ReFL; GRPO has its KL instead.")
         if self.reward == "pixel" and not self.pixel_reward:
             raise ValueError('`reward: "pixel"` needs `pixel_reward: "module:function"`.')
 

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from ..modeling_dina import DiNaRewardModel
-from .common import RewardMeter, StepContext
+from .common import ParameterEMA, PretrainData, RewardMeter, StepContext
 from .config import AlignmentConfig
 from .grpo import grpo_step
 from .refl import refl_step
@@ -41,6 +41,7 @@ LOG_NAME = "log.jsonl"
 CURVES_NAME = "curves.png"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_LORA_DIR = "lora"
+BEST_LORA_DIR = "best"
 STATE_NAME = "training_state.pt"
 OPTIMIZER_NAME = "optimizer.pt"
 
@@ -51,6 +52,7 @@ def align(
     config: AlignmentConfig,
     *,
     eval_fn: Callable | None = None,
+    pretrain_data: PretrainData | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> list[dict]:
@@ -62,7 +64,9 @@ def align(
         reward_fn: `fn(latents, prompt_embeds, pooled_prompt_embeds[, prompts=...]) -> (B,)` rewards of clean latents,
             e.g. `DiNaLatentReward(model)`. ReFL needs it differentiable w.r.t. the latents.
         eval_fn: `fn(pipe, step) -> {metric: value}`, run at step 0 and every `config.eval_every` steps (and at the
-            last step); its values are logged as `eval/<metric>`.
+            last step); its values are logged as `eval/<metric>`. With `ema_decay` it sees the EMA weights.
+        pretrain_data: `fn(batch_size, generator) -> (clean latents, prompts)` of real data, for ReFL's
+            flow-matching regulariser (`pretrain_weight`).
         resume: continue from the latest checkpoint in `config.output_dir` (from scratch if there is none).
 
     Writes to `config.output_dir`: `log.jsonl` (one record per step: reward mean/std, loss, KL, gradient norm, wall
@@ -78,11 +82,12 @@ def align(
     out.mkdir(parents=True, exist_ok=True)
     (out / "alignment_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
-    ctx = _prepare(pipe, reward_fn, config)
+    ctx = _prepare(pipe, reward_fn, config, pretrain_data)
+    stopper = EarlyStopping(config.early_stopping_metric, config.early_stopping_patience, out / BEST_LORA_DIR)
     start = 0
     checkpoint = latest_checkpoint(out) if resume else None
     if checkpoint is not None:
-        start = load_checkpoint(checkpoint, ctx)
+        start = load_checkpoint(checkpoint, ctx, stopper)
         logger.info("resuming from %s (step %d)", checkpoint, start)
     elif resume:
         logger.info("no checkpoint in %s: starting from scratch", out)
@@ -90,7 +95,9 @@ def align(
     _write_log(log_path, records)  # drops what was logged after the checkpoint
 
     if eval_fn is not None and config.eval_every and start == 0:
-        records.append(_append(log_path, {"step": 0, **_evaluate(eval_fn, pipe, 0)}))
+        record = {"step": 0, **_evaluate(eval_fn, ctx, 0)}
+        stopper.observe(record, ctx)
+        records.append(_append(log_path, record))
     step_fn = STEP_FUNCTIONS[config.method]
     device = pipe.transformer.device
     bar = tqdm(range(start + 1, config.steps + 1), initial=start, total=config.steps, disable=not progress)
@@ -104,16 +111,58 @@ def align(
         record.update(step_time_s=time.perf_counter() - began, reward_time_s=meter.seconds, **_peak_memory(device))
         if meter.flops is not None:
             record["reward_flops"] = meter.flops
+        stop = False
         if eval_fn is not None and config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-            record.update(_evaluate(eval_fn, pipe, step))
+            record.update(_evaluate(eval_fn, ctx, step))
+            stop = stopper.observe(record, ctx)
         records.append(_append(log_path, record))
         bar.set_postfix(reward=f"{record['reward_mean']:.4g}", loss=f"{record['loss']:.4g}")
         if config.checkpoint_every and step % config.checkpoint_every == 0:
-            save_checkpoint(out, step, ctx)
+            save_checkpoint(out, step, ctx, stopper)
             write_curves(records, out / CURVES_NAME)
-    save_generator_lora(pipe, out / FINAL_LORA_DIR)
+        if stop:
+            logger.info("early stop at step %d: best %s at step %d", step, stopper.metric, stopper.best_step)
+            break
+    if stopper.best_step is not None:
+        load_generator_lora(pipe.transformer, out / BEST_LORA_DIR)  # the pipe ends with the LoRA it saves
+        shutil.copytree(out / BEST_LORA_DIR, out / FINAL_LORA_DIR, dirs_exist_ok=True)
+    else:
+        with ctx.policy():
+            save_generator_lora(pipe, out / FINAL_LORA_DIR)
     write_curves(records, out / CURVES_NAME)
     return records
+
+
+class EarlyStopping:
+    """Tracks the best value of `eval/<metric>` (higher is better), saves the LoRA evaluated there to `folder`, and
+    says when `patience` evaluations in a row have not beaten it. Inactive when `metric` is None."""
+
+    def __init__(self, metric: str | None, patience: int, folder: Path):
+        self.metric, self.patience, self.folder = metric, patience, folder
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.since_best = 0
+
+    def observe(self, record: dict, ctx: StepContext) -> bool:
+        if self.metric is None:
+            return False
+        key = f"eval/{self.metric}"
+        if key not in record:
+            raise KeyError(f"early stopping on {key!r}, but the evaluation logged only {sorted(record)}.")
+        if self.best is None or record[key] > self.best:
+            self.best, self.best_step, self.since_best = record[key], record["step"], 0
+            with ctx.policy():
+                save_generator_lora(ctx.pipe, self.folder)
+        else:
+            self.since_best += 1
+        record["best_step"] = self.best_step
+        return self.since_best >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "since_best": self.since_best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step, self.since_best = state["best"], state["best_step"], state["since_best"]
 
 
 def run_alignment(
@@ -149,10 +198,15 @@ def import_object(path: str):
         raise ImportError(f"cannot import {path!r}: {err}") from err
 
 
-def _prepare(pipe: StableDiffusion3Pipeline, reward_fn: Callable, config: AlignmentConfig) -> StepContext:
+def _prepare(
+    pipe: StableDiffusion3Pipeline, reward_fn: Callable, config: AlignmentConfig, pretrain_data=None
+) -> StepContext:
     transformer = pipe.transformer
     if GENERATOR_ADAPTER not in (getattr(transformer, "peft_config", None) or {}):
-        add_generator_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_target_modules)
+        # peft draws the LoRA's A matrices from torch's global generator: seed it, or a run depends on what ran before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            add_generator_lora(transformer, config.lora_rank, config.lora_alpha, config.lora_target_modules)
     # Freeze everything (a DiNa reward's backbone holds the shared blocks and both adapters), then the generator LoRA.
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -179,11 +233,14 @@ def _prepare(pipe: StableDiffusion3Pipeline, reward_fn: Callable, config: Alignm
         height=config.height or sample,
         width=config.width or sample,
         max_sequence_length=max_sequence_length,
+        pretrain_data=pretrain_data,
+        ema=ParameterEMA(params, config.ema_decay) if config.ema_decay is not None else None,
     )
 
 
-def _evaluate(eval_fn: Callable, pipe, step: int) -> dict[str, float]:
-    return {f"eval/{k}": float(v) for k, v in eval_fn(pipe, step).items()}
+def _evaluate(eval_fn: Callable, ctx: StepContext, step: int) -> dict[str, float]:
+    with ctx.policy():
+        return {f"eval/{k}": float(v) for k, v in eval_fn(ctx.pipe, step).items()}
 
 
 def _peak_memory(device: torch.device) -> dict:
@@ -248,7 +305,9 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(output_dir: str | os.PathLike, step: int, ctx: StepContext) -> Path:
+def save_checkpoint(
+    output_dir: str | os.PathLike, step: int, ctx: StepContext, stopper: EarlyStopping | None = None
+) -> Path:
     """Write `checkpoints/step-NNNNNN/`: the generator LoRA (diffusers format), the optimizer, the step and the RNG
     states (the run's generator, the reward's noise generator if it has one, torch's global ones). Written to a
     temporary folder first, so an interrupted save leaves no half checkpoint."""
@@ -267,6 +326,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, ctx: StepContext) 
     }
     if isinstance(reward_generator, torch.Generator):
         state["reward_generator"] = reward_generator.get_state()
+    if ctx.ema is not None:
+        state["ema"] = ctx.ema.shadow
+    if stopper is not None:
+        state["early_stopping"] = stopper.state_dict()
     torch.save(state, tmp / STATE_NAME)
     if final.exists():
         shutil.rmtree(final)
@@ -274,7 +337,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, ctx: StepContext) 
     return final
 
 
-def load_checkpoint(folder: str | os.PathLike, ctx: StepContext) -> int:
+def load_checkpoint(folder: str | os.PathLike, ctx: StepContext, stopper: EarlyStopping | None = None) -> int:
     """Restore what `save_checkpoint` wrote into a prepared run; returns the step."""
     folder = Path(folder)
     load_generator_lora(ctx.pipe.transformer, folder)
@@ -289,4 +352,10 @@ def load_checkpoint(folder: str | os.PathLike, ctx: StepContext) -> int:
         if not isinstance(reward_generator, torch.Generator):
             raise ValueError(f"{folder} holds a reward noise generator state but the reward function has none.")
         reward_generator.set_state(state["reward_generator"])
+    if ctx.ema is not None:
+        if "ema" not in state:
+            raise ValueError(f"{folder} holds no policy EMA but the run keeps one (`ema_decay`).")
+        ctx.ema.shadow = [t.clone() for t in state["ema"]]
+    if stopper is not None and "early_stopping" in state:
+        stopper.load_state_dict(state["early_stopping"])
     return int(state["step"])

@@ -10,18 +10,34 @@ the checker's prompt compliance on held-out prompts — which neither reward see
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..alignment import AlignmentConfig, DiNaLatentReward, align
+from ..alignment import AlignmentConfig, DiNaLatentReward, align, encode_prompts, make_pixel_reward_fn
 from ..modeling_dina import DiNaRewardModel
+from .checker import check_many
 from .data import split_prompts
-from .generator import MAX_SEQUENCE_LENGTH, evaluate_generator, load_generator
+from .generator import MAX_SEQUENCE_LENGTH, _latent_pool, evaluate_generator, load_generator, sample_images
+from .grammar import alternate_kinds
 from .report import held_out_prompts
 from .reward import REWARD_DIR, PixelReward, load_pixel_reward
 
-__all__ = ["PixelLatentReward", "run_shapes_alignment"]
+__all__ = ["PixelLatentReward", "checker_reward", "run_shapes_alignment"]
+
+
+def checker_reward(images, prompts) -> list[float]:
+    """The exact checker as a pixel reward: the fraction of the prompt's attributes an image satisfies, plus one when
+    all hold (so a complying sample always outranks a near miss). Not differentiable: for GRPO."""
+    rewards = []
+    for result in check_many(prompts, images):
+        held = [v for a, v in result.as_dict().items() if a != "overall" and v is not None]
+        rewards.append(sum(held) / len(held) + result.overall)
+    return rewards
 
 
 class PixelLatentReward:
@@ -37,92 +53,155 @@ class PixelLatentReward:
         return self.model(pixels.float(), pooled_prompt_embeds.float())
 
 
+SHAPES_SAMPLER = dict(guidance_scale=3.0, num_inference_steps=20, max_sequence_length=MAX_SEQUENCE_LENGTH)
+
+
+def make_reward(pipe, reward: str, *, pixel_model=None, noise_level=None, seed: int = 0):
+    """The reward callable: `"dina"` (shipped DiNa-LRM on the generator's own blocks, at `noise_level`, default its
+    config's level for latents), `"pixel"` (VAE decode + the pixel model at `pixel_model`) or `"checker"`."""
+    if reward == "dina":
+        # Built on the generator's own transformer: one copy of the base blocks, the reward LoRA on only while scoring.
+        model = DiNaRewardModel.from_pretrained(REWARD_DIR, base_model=pipe.transformer)
+        return DiNaLatentReward(model, noise_level or model.config.noise_level_latents, seed=seed)
+    if reward == "pixel":
+        if pixel_model is None:
+            raise ValueError("the pixel reward needs `pixel_model`, the folder the build's rewards stage wrote.")
+        return PixelLatentReward(pipe.vae, load_pixel_reward(pixel_model))
+    if reward == "checker":
+        return make_pixel_reward_fn(pipe, checker_reward)
+    raise ValueError(f"reward must be 'dina', 'pixel' or 'checker', got {reward!r}")
+
+
+def evaluation_fn(
+    num_samples: int, reward_fn=None, validation_samples: int = 64, seed: int = 10_000, skip_start: bool = False
+):
+    """`fn(pipe, step)`: the checker's compliance (with its 95 % Wilson interval) of one ODE sample per prompt over
+    `num_samples` held-out (test-split) prompts, fixed seeds; with a differentiable latent `reward_fn` also its mean
+    on `validation_samples` ODE samples of validation-split prompts (fixed noise): the early-stopping signal, which
+    never sees the test prompts. `skip_start`: nothing at step 0 (the shipped generator's figures do not change)."""
+    prompts = held_out_prompts(num_samples)
+    validation = alternate_kinds(split_prompts()["validation"], validation_samples)
+
+    def evaluate(pipe, step):
+        if skip_start and step == 0:
+            return {}
+        rates = evaluate_generator(pipe, prompts, num_samples=num_samples, best_of=1, seed=seed)["random"]
+        low, high = wilson_interval(rates["overall"], num_samples)
+        metrics = {"compliance": rates["overall"], "compliance_low": low, "compliance_high": high}
+        metrics.update(count=rates["count"], position=rates["position"])
+        if reward_fn is not None:
+            metrics["validation_reward"] = validation_reward(pipe, reward_fn, validation, seed)
+        return metrics
+
+    return evaluate
+
+
+@torch.no_grad()
+def validation_reward(pipe, reward_fn, prompts: list[str], seed: int) -> float:
+    """Mean latent reward of ODE samples of `prompts` (the scoring noise drawn from `seed`, the same every call)."""
+    latents = sample_images(pipe, prompts, seed=seed, output_type="latent")
+    cond = encode_prompts(pipe, prompts, guidance_scale=1.0, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed)).to(latents)
+    kwargs = {"noise": noise} if isinstance(reward_fn, DiNaLatentReward) else {}
+    return reward_fn(latents, cond.prompt_embeds, cond.pooled_prompt_embeds, **kwargs).mean().item()
+
+
+def real_data(prompts: list[str], per_prompt: int = 4, seed: int = 0):
+    """ReFL's real data: VAE latents of `per_prompt` compliant renders of each prompt, as `pretrain_data`
+    (`fn(batch_size, generator) -> (latents, prompts)`)."""
+    vae = load_generator().vae
+    latents, index = _latent_pool(vae, prompts, [per_prompt] * len(prompts), np.random.default_rng(seed))
+
+    def draw(batch_size: int, generator: torch.Generator):
+        items = torch.randint(len(index), (batch_size,), generator=generator)
+        return latents[items], [prompts[i] for i in index[items].tolist()]
+
+    return draw
+
+
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a binomial rate measured on `n` samples."""
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
 def run_shapes_alignment(
     output_dir: str | Path,
     *,
     reward: str = "dina",
     pixel_model: str | Path | None = None,
-    method: str = "refl",
-    group_size: int = 4,
-    train_timesteps: int | None = None,
-    steps: int = 150,
-    batch_size: int = 8,
-    learning_rate: float = 3e-4,
-    kl_weight: float = 0.0,
-    eval_every: int = 50,
     eval_samples: int = 128,
-    seed: int = 0,
+    validation_samples: int = 64,
+    skip_start_eval: bool = False,
+    threads: int | None = None,
+    **overrides,
 ) -> list[dict]:
-    """ReFL or GRPO (`method`) on the train-split prompts for `steps` steps; logs (`log.jsonl`, `curves.png`) in
-    `output_dir`. `group_size` and `train_timesteps` are GRPO's (see `AlignmentConfig`)."""
+    """Align the shipped generator on the train-split prompts; `overrides` are `AlignmentConfig` fields (method,
+    steps, learning_rate, ...); `threads` sets torch's intra-op threads (1 is faster on a busy machine). Logs
+    (`log.jsonl`, `curves.png`) and the LoRA in `output_dir`."""
     torch.set_flush_denormal(True)
+    if threads:
+        torch.set_num_threads(threads)
     pipe = load_generator()
-    if reward == "dina":
-        # Built on the generator's own transformer: one copy of the base blocks, the reward LoRA on only while scoring.
-        model = DiNaRewardModel.from_pretrained(REWARD_DIR, base_model=pipe.transformer)
-        reward_fn = DiNaLatentReward(model, model.config.noise_level_latents, seed=seed)
-    elif reward == "pixel":
-        if pixel_model is None:
-            raise ValueError("the pixel reward needs `pixel_model`, the folder the build's rewards stage wrote.")
-        reward_fn = PixelLatentReward(pipe.vae, load_pixel_reward(pixel_model))
-    else:
-        raise ValueError(f"reward must be 'dina' or 'pixel', got {reward!r}")
-    eval_set = held_out_prompts(eval_samples)
-
-    def compliance(p, step):
-        rates = evaluate_generator(p, eval_set, num_samples=eval_samples, best_of=1, seed=10_000)["random"]
-        return {"compliance": rates["overall"], "count": rates["count"], "position": rates["position"]}
-
-    config = AlignmentConfig(
-        method=method,
-        group_size=group_size,
-        train_timesteps=train_timesteps,
+    values = dict(
         prompts=split_prompts()["train"],
-        steps=steps,
-        learning_rate=learning_rate,
-        kl_weight=kl_weight,
-        batch_size=batch_size,
-        guidance_scale=3.0,
-        num_inference_steps=20,
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-        eval_every=eval_every,
+        steps=150,
+        batch_size=8,
+        learning_rate=3e-4,
+        eval_every=50,
         checkpoint_every=0,
-        seed=seed,
-        output_dir=str(output_dir),
+        **SHAPES_SAMPLER,
     )
-    return align(pipe, reward_fn, config, eval_fn=compliance)
+    values.update(overrides, output_dir=str(output_dir))
+    config = AlignmentConfig(**values)
+    reward_fn = make_reward(
+        pipe, reward, pixel_model=pixel_model, noise_level=config.reward_noise_level, seed=config.seed
+    )
+    differentiable = reward_fn if reward != "checker" else None
+    pretrain_data = real_data(config.load_prompts(), seed=config.seed) if config.pretrain_weight > 0 else None
+    return align(
+        pipe,
+        reward_fn,
+        config,
+        eval_fn=evaluation_fn(eval_samples, differentiable, validation_samples, skip_start=skip_start_eval),
+        pretrain_data=pretrain_data,
+    )
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["key=value", ...]` -> `AlignmentConfig` fields, values read as JSON where they parse (else strings)."""
+    known = {f.name for f in dataclasses.fields(AlignmentConfig)}
+    values = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--set expects FIELD=VALUE with an AlignmentConfig field, got {pair!r}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reward", choices=("dina", "pixel"), default="dina")
+    parser.add_argument("--reward", choices=("dina", "pixel", "checker"), default="dina")
     parser.add_argument("--pixel-model", help="folder of the pixel reward written by the build's rewards stage")
-    parser.add_argument("--method", choices=("refl", "grpo"), default="refl")
-    parser.add_argument("--group-size", type=int, default=4, help="GRPO: samples per prompt")
-    parser.add_argument("--train-timesteps", type=int, default=None, help="GRPO: transitions trained per trajectory")
     parser.add_argument("--output", required=True)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
-    parser.add_argument("--kl-weight", type=float, default=0.0, help="weight of the LoRA-vs-base prediction penalty")
-    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-samples", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-start-eval", action="store_true", help="no evaluation of the unchanged start")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="AlignmentConfig fields (JSON)")
     args = parser.parse_args(argv)
     run_shapes_alignment(
         args.output,
         reward=args.reward,
         pixel_model=args.pixel_model,
-        method=args.method,
-        group_size=args.group_size,
-        train_timesteps=args.train_timesteps,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        kl_weight=args.kl_weight,
-        eval_every=args.eval_every,
         eval_samples=args.eval_samples,
-        seed=args.seed,
+        skip_start_eval=args.skip_start_eval,
+        threads=args.threads,
+        **parse_overrides(args.set),
     )
 
 

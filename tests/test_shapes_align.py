@@ -1,0 +1,115 @@
+"""Alignment in the Shapes world: the checker reward, the evaluation's interval, and a short deterministic run of each
+method (checker GRPO, DiNa GRPO, DiNa ReFL with the authors' recipe) on the shipped generator and reward."""
+
+import json
+
+import numpy as np
+import pytest
+
+from modeling_dina.alignment import generator_lora_state_dict
+from modeling_dina.shapes.align import checker_reward, parse_overrides, run_shapes_alignment, wilson_interval
+from modeling_dina.shapes.generator import load_generator
+from modeling_dina.shapes.render import render_scene, sample_scene
+
+TINY_RUN = dict(
+    steps=2,
+    batch_size=2,
+    group_size=2,
+    num_inference_steps=3,
+    lora_rank=4,
+    lora_alpha=4,
+    eval_every=2,
+    seed=0,
+)
+
+
+def test_checker_reward_counts_satisfied_attributes_plus_the_verdict():
+    rng = np.random.default_rng(0)
+    prompt = "two red circles"
+    good = render_scene(sample_scene(prompt, rng))
+    wrong_colour = render_scene(sample_scene(prompt, rng, ["colour"]))
+    assert checker_reward([good, wrong_colour], [prompt, prompt]) == [2.0, pytest.approx(2 / 3)]
+
+
+def test_wilson_interval_by_hand():
+    low, high = wilson_interval(0.5, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    low, high = wilson_interval(0.0, 512)
+    assert low == pytest.approx(0.0, abs=1e-12) and 0 < high < 0.01
+
+
+def test_overrides_are_config_fields_read_as_json():
+    assert parse_overrides(["steps=3", "reward_step=[15, 18]", "method=grpo", "ema_decay=null"]) == {
+        "steps": 3,
+        "reward_step": [15, 18],
+        "method": "grpo",
+        "ema_decay": None,
+    }
+    with pytest.raises(ValueError, match="bogus"):
+        parse_overrides(["bogus=1"])
+
+
+def measured_values(record):
+    """A log record without its timings and memory (which vary between identical runs)."""
+    return {k: v for k, v in record.items() if not k.endswith("_s") and "memory" not in k}
+
+
+def run(tmp_path, name, reward, **overrides):
+    records = run_shapes_alignment(
+        tmp_path / name, reward=reward, eval_samples=2, validation_samples=2, **{**TINY_RUN, **overrides}
+    )
+    lora = tmp_path / name / "lora"
+    return records, lora
+
+
+def test_shapes_checker_grpo_run_is_deterministic_and_moves_only_the_lora(tmp_path):
+    records, lora = run(tmp_path, "a", "checker", method="grpo", train_timesteps=2, learning_rate=1e-2)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in (records[0], records[-1]):
+        assert r["eval/compliance_low"] <= r["eval/compliance"] <= r["eval/compliance_high"]
+        assert "eval/validation_reward" not in r  # the checker is no differentiable reward: nothing to stop on
+    assert all(0 <= r["reward_mean"] <= 2 for r in records[1:])
+    assert all(r["ratio_mean"] == 1.0 for r in records[1:])  # one epoch: the stored log-probs are the policy's
+    again, _ = run(tmp_path, "b", "checker", method="grpo", train_timesteps=2, learning_rate=1e-2)
+    assert list(map(measured_values, again)) == list(map(measured_values, records))
+    fresh = load_generator()
+    fresh.load_lora_weights(lora)
+    moved = [v.abs().sum() > 0 for k, v in generator_lora_state_dict(fresh.transformer).items() if "lora_B" in k]
+    assert moved and all(moved)
+
+
+def test_shapes_dina_grpo_run(tmp_path):
+    records, _ = run(tmp_path, "dina", "dina", method="grpo", train_timesteps=2)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all("eval/validation_reward" in r for r in (records[0], records[-1]))
+    assert records[1]["reward_flops"] > 0
+
+
+def test_shapes_refl_recipe_run(tmp_path):
+    prompts = ["a red circle", "two blue squares"]
+    records, lora = run(
+        tmp_path,
+        "refl",
+        "dina",
+        prompts=prompts,
+        steps=3,
+        eval_every=1,
+        reward_step=[1, 2],
+        pretrain_weight=1.0,
+        pretrain_batch_size=2,
+        ema_decay=0.5,
+        early_stopping_metric="validation_reward",
+        early_stopping_patience=5,
+    )
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert all(r["pretrain_loss"] > 0 and r["reward_step"] in (1, 2) for r in records[1:])
+    assert all("eval/validation_reward" in r and "eval/compliance" in r for r in records)
+    best = max(records, key=lambda r: r["eval/validation_reward"])["step"]
+    assert records[-1]["best_step"] == best
+    config = json.loads((tmp_path / "refl" / "alignment_config.json").read_text())
+    assert config["pretrain_weight"] == 1.0 and config["prompts"] == prompts
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    saved = [
+        (folder / "pytorch_lora_weights.safetensors").read_bytes() for folder in (lora, tmp_path / "refl" / "best")
+    ]
+    assert saved[0] == saved[1]
