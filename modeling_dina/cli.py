@@ -29,6 +29,14 @@ def _add_demo(subparsers):
     p.add_argument("--candidates", type=int, default=4, help="candidates generated per prompt (N)")
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts for the best-of-N figure")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--aligned",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="LORA_DIR",
+        help="also run the aligned generator (the shipped LoRA, or the one at LORA_DIR) on the same prompts and seeds",
+    )
     p.set_defaults(func=_run_demo)
 
 
@@ -41,6 +49,8 @@ def _run_demo(args):
         num_candidates=args.candidates,
         eval_prompts=args.eval_prompts,
         seed=args.seed,
+        aligned=args.aligned or None,
+        compare_aligned=args.aligned is not None,
     )
 
 

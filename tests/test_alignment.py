@@ -28,9 +28,9 @@ from modeling_dina.alignment import (
     sde_step,
 )
 from modeling_dina.alignment.cli import add_align_parser, run_align
-from modeling_dina.alignment.common import ParameterEMA, RewardMeter
+from modeling_dina.alignment.common import ParameterEMA, RewardMeter, pretrain_loss
 from modeling_dina.alignment.loop import _prepare
-from modeling_dina.alignment.refl import flow_matching_loss, refl_step
+from modeling_dina.alignment.refl import refl_step
 from modeling_dina.tiny_sd3 import TINY_DINA
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a cat"]
@@ -355,7 +355,7 @@ def test_align_help_says_a_config_naming_functions_is_code():
     assert "trusted configs only" in text
 
 
-def test_flow_matching_loss_by_hand(tiny_sd3_dir, tmp_path):
+def test_pretrain_flow_matching_loss_by_hand(tiny_sd3_dir, tmp_path):
     pipe = load_pipe(tiny_sd3_dir)
     clean = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 
@@ -365,7 +365,7 @@ def test_flow_matching_loss_by_hand(tiny_sd3_dir, tmp_path):
 
     cfg = config(tmp_path, "fm", pretrain_weight=1.0, pretrain_batch_size=2, max_sequence_length=16)
     ctx = _prepare(pipe, lambda *a: None, cfg, pretrain_data=data)
-    loss = flow_matching_loss(ctx)
+    loss = pretrain_loss(ctx)
     g = torch.Generator().manual_seed(cfg.seed)
     x0, prompts = data(2, g)
     sigma = torch.sigmoid(torch.randn(2, generator=g))
@@ -383,7 +383,7 @@ def test_flow_matching_loss_by_hand(tiny_sd3_dir, tmp_path):
         ).sample
     torch.testing.assert_close(loss.detach(), ((v - (noise - x0)) ** 2).mean())
     with pytest.raises(ValueError, match="pretrain_data"):
-        flow_matching_loss(_prepare(load_pipe(tiny_sd3_dir), lambda *a: None, cfg))
+        pretrain_loss(_prepare(load_pipe(tiny_sd3_dir), lambda *a: None, cfg))
 
 
 def test_refl_recipe_pretrain_loss_ema_and_early_stopping(tiny_sd3_dir, tmp_path):
@@ -453,3 +453,27 @@ def test_recipe_config_validation():
         AlignmentConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="pretrain_weight"):
         AlignmentConfig(method="grpo", pretrain_weight=1.0)
+
+
+def test_raft_fits_the_best_candidate_of_each_group(tiny_sd3_dir, tmp_path, monkeypatch):
+    import modeling_dina.alignment.raft as raft
+
+    pipe = load_pipe(tiny_sd3_dir)
+    seen, calls, updates = {}, [], []
+
+    def brightness(latents, embeds, pooled):
+        seen["latents"] = latents.detach().clone()
+        return latents.mean(dim=(1, 2, 3))
+
+    cfg = config(tmp_path, "raft", method="raft", steps=1, group_size=3, inner_epochs=2, max_sequence_length=16)
+    ctx = _prepare(pipe, brightness, cfg)
+    fit, step = raft.flow_matching_loss, ctx.optimizer_step
+    monkeypatch.setattr(raft, "flow_matching_loss", lambda c, clean, p: calls.append((clean, p)) or fit(c, clean, p))
+    monkeypatch.setattr(ctx, "optimizer_step", lambda: updates.append(1) or step())
+    record = raft.raft_step(ctx, PROMPTS[:2], RewardMeter(torch.device("cpu")))
+    rewards = seen["latents"].mean(dim=(1, 2, 3)).view(2, 3)
+    expected = seen["latents"].view(2, 3, *seen["latents"].shape[1:])[torch.arange(2), rewards.argmax(dim=1)]
+    assert len(calls) == 2 and len(updates) == 2  # one optimiser step per inner epoch
+    assert all(torch.equal(clean, expected) and prompts == PROMPTS[:2] for clean, prompts in calls)
+    assert record["kept_reward_mean"] == pytest.approx(rewards.max(dim=1).values.mean().item())
+    assert record["kept_reward_mean"] >= record["reward_mean"] and record["loss"] > 0

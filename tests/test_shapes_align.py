@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from modeling_dina.alignment import generator_lora_state_dict
+from modeling_dina.cli import main as dina_main
 from modeling_dina.shapes.align import checker_reward, parse_overrides, run_shapes_alignment, wilson_interval
+from modeling_dina.shapes.demo import aligned_lora
 from modeling_dina.shapes.generator import load_generator
 from modeling_dina.shapes.render import render_scene, sample_scene
 
@@ -74,8 +75,30 @@ def test_shapes_checker_grpo_run_is_deterministic_and_moves_only_the_lora(tmp_pa
     assert list(map(measured_values, again)) == list(map(measured_values, records))
     fresh = load_generator()
     fresh.load_lora_weights(lora)
-    moved = [v.abs().sum() > 0 for k, v in generator_lora_state_dict(fresh.transformer).items() if "lora_B" in k]
+    moved = [p.abs().sum() > 0 for n, p in fresh.transformer.named_parameters() if "lora_B" in n]
     assert moved and all(moved)
+    # `dina demo --aligned LORA`: the base and the aligned generator on the same prompts and seeds
+    out = tmp_path / "demo"
+    dina_main(
+        [
+            "demo",
+            "--output",
+            str(out),
+            "--prompts",
+            "2",
+            "--candidates",
+            "2",
+            "--eval-prompts",
+            "4",
+            "--aligned",
+            str(lora),
+        ]
+    )
+    result = json.loads((out / "demo.json").read_text())
+    assert result["base"]["prompts"] == result["aligned"]["prompts"] == 4
+    assert (out / "contact_sheet.png").is_file() and (out / "contact_sheet_aligned.png").is_file()
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights"):
+        aligned_lora(tmp_path)
 
 
 def test_shapes_dina_grpo_run(tmp_path):

@@ -1,10 +1,12 @@
 """Aligning an SD3-architecture generator with a latent reward (DiNa-LRM or any callable), in latent space:
-reward-gradient fine-tuning (ReFL / DRaFT-K, `refl.py`) and policy-gradient fine-tuning (Flow-GRPO, `grpo.py`) of a
-LoRA on the generator, which shares its frozen blocks with the DiNa reward."""
+reward-gradient fine-tuning (ReFL / DRaFT-K, `refl.py`), policy-gradient fine-tuning (Flow-GRPO, `grpo.py`) and
+reward-ranked fine-tuning (RAFT, `raft.py`) of a LoRA on the generator, which shares its frozen blocks with the DiNa
+reward."""
 
 from .config import AlignmentConfig
 from .grpo import group_advantages, grpo_step
 from .loop import align, latest_checkpoint, load_checkpoint, run_alignment, save_checkpoint, write_curves
+from .raft import raft_step
 from .refl import refl_step
 from .reward_fns import DiNaLatentReward, call_reward, decode_latents, make_pixel_reward_fn
 from .sampling import (
@@ -47,6 +49,7 @@ __all__ = [
     "load_checkpoint",
     "load_generator_lora",
     "make_pixel_reward_fn",
+    "raft_step",
     "refl_step",
     "run_alignment",
     "save_checkpoint",

@@ -18,7 +18,7 @@ def add_align_parser(subparsers) -> argparse.ArgumentParser:
         "--config",
         required=True,
         help="YAML or JSON file of AlignmentConfig fields: pipeline, reward (DiNa folder or 'pixel' with "
-        "pixel_reward 'module:function'), prompts (list or file), method (refl|grpo), steps, ... "
+        "pixel_reward 'module:function'), prompts (list or file), method (refl|grpo|raft), steps, ... "
         "(`pixel_reward` and `eval_fn` import and run the code they name: trusted configs only)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")

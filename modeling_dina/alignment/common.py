@@ -109,3 +109,29 @@ class RewardMeter:
             self.flops += counter.get_total_flops()
         self._sync()
         self.seconds += time.perf_counter() - start
+
+
+def flow_matching_loss(ctx: StepContext, clean: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The rectified-flow loss of the generator (LoRA active) on clean latents of `prompts` (SD3 convention:
+    `x_s = (1 - s) x0 + s eps`, target `eps - x0`, `s` logit-normal; conditional, no guidance)."""
+    transformer = ctx.pipe.transformer
+    cond = ctx.encode(list(prompts))
+    sigma = torch.sigmoid(torch.randn(len(clean), generator=ctx.generator)).to(clean.device)
+    noise = torch.randn(clean.shape, generator=ctx.generator).to(clean.device)
+    s = sigma.view(-1, *[1] * (clean.ndim - 1))
+    velocity = transformer(
+        hidden_states=((1 - s) * clean + s * noise).to(transformer.dtype),
+        timestep=sigma * ctx.pipe.scheduler.config.num_train_timesteps,
+        encoder_hidden_states=cond.prompt_embeds,
+        pooled_projections=cond.pooled_prompt_embeds,
+        return_dict=False,
+    )[0]
+    return (velocity.float() - (noise - clean).float()).pow(2).mean()
+
+
+def pretrain_loss(ctx: StepContext) -> torch.Tensor:
+    """`flow_matching_loss` on a batch of the run's real data (`pretrain_data`): the ReFL recipe's regulariser."""
+    if ctx.pretrain_data is None:
+        raise ValueError("`pretrain_weight` > 0 needs real data: pass `pretrain_data=` to `align`.")
+    clean, prompts = ctx.pretrain_data(ctx.config.pretrain_batch_size, ctx.generator)
+    return flow_matching_loss(ctx, clean, prompts)

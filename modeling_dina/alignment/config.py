@@ -1,4 +1,5 @@
-"""`AlignmentConfig`: every knob of an alignment run (ReFL/DRaFT reward-gradient or Flow-GRPO policy-gradient)."""
+"""`AlignmentConfig`: every knob of an alignment run (ReFL/DRaFT reward gradient, Flow-GRPO policy gradient or RAFT
+reward-ranked fine-tuning)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import yaml
 
 from .sampling import GENERATOR_LORA_TARGETS
 
-METHODS = ("refl", "grpo")
+METHODS = ("refl", "grpo", "raft")
 KL_TYPES = ("prediction", "weights")
 
 
@@ -28,7 +29,9 @@ class AlignmentConfig:
         device, dtype: where and in what precision to load them (`dtype` e.g. `"bfloat16"`; default float32).
 
     Run:
-        method: `"refl"` (reward gradient through the last sampling steps) or `"grpo"` (policy gradient).
+        method: `"refl"` (reward gradient through the last sampling steps), `"grpo"` (policy gradient) or `"raft"`
+            (reward-ranked fine-tuning: flow-matching on the best of `group_size` samples per prompt,
+            `inner_epochs` optimiser steps per batch).
         prompts: a list of prompts or a text file with one per line; each step draws `batch_size` of them.
         steps, learning_rate, weight_decay, max_grad_norm (None: no clipping): the AdamW optimisation.
         batch_size: prompts per step; `group_size` (GRPO): samples per prompt.
@@ -45,8 +48,8 @@ class AlignmentConfig:
             base model's (LoRA disabled) guided velocity on the same inputs, over the gradient-carrying steps;
             `"weights"` = sum of the squared Frobenius norms of the LoRA's weight updates `scale * B @ A`.
             GRPO always uses the KL between its Gaussian transitions and the base model's (Flow-GRPO).
-        pretrain_weight, pretrain_batch_size: ReFL: weight and batch of the flow-matching ("pretrain") loss on real
-            data (`align(..., pretrain_data=...)`), the regulariser of the authors' ReFL recipe; 0 = off.
+        pretrain_weight, pretrain_batch_size: ReFL and RAFT: weight and batch of the flow-matching ("pretrain") loss
+            on real data (`align(..., pretrain_data=...)`), the regulariser of the authors' ReFL recipe; 0 = off.
         gradient_checkpointing: checkpoint the generator transformer's blocks (the reward's are not checkpointed:
             recomputing them in the backward pass would run with the generator's adapter active).
         eta, clip_range, adv_clip_max, inner_epochs: GRPO's SDE noise level, PPO ratio clip (Flow-GRPO's 1e-4: its
@@ -134,8 +137,10 @@ class AlignmentConfig:
         for name in ("grad_steps", "train_timesteps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1 or None (all), got {getattr(self, name)}.")
-        if self.method == "grpo" and self.group_size < 2:
-            raise ValueError(f"GRPO normalises rewards per group: `group_size` must be >= 2, got {self.group_size}.")
+        if self.method in ("grpo", "raft") and self.group_size < 2:
+            raise ValueError(
+                f"{self.method} ranks samples per group: `group_size` must be >= 2, got {self.group_size}."
+            )
         if self.method == "grpo" and self.eta <= 0:
             raise ValueError(f"GRPO samples with an SDE: `eta` must be > 0, got {self.eta}.")
         if isinstance(self.reward_step, (list, tuple)):
@@ -146,8 +151,8 @@ class AlignmentConfig:
             raise ValueError(f"`ema_decay` must be in [0, 1) or None, got {self.ema_decay}.")
         if self.early_stopping_metric and not self.eval_every:
             raise ValueError("early stopping reads the evaluations: set `eval_every` > 0.")
-        if self.pretrain_weight > 0 and self.method != "refl":
-            raise ValueError("the flow-matching `pretrain_weight` regularises ReFL; GRPO has its KL instead.")
+        if self.pretrain_weight > 0 and self.method == "grpo":
+            raise ValueError("the flow-matching `pretrain_weight` regularises ReFL and RAFT; GRPO has its KL instead.")
         if self.reward == "pixel" and not self.pixel_reward:
             raise ValueError('`reward: "pixel"` needs `pixel_reward: "module:function"`.')
 

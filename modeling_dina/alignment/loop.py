@@ -24,6 +24,7 @@ from ..modeling_dina import DiNaRewardModel
 from .common import ParameterEMA, PretrainData, RewardMeter, StepContext
 from .config import AlignmentConfig
 from .grpo import grpo_step
+from .raft import raft_step
 from .refl import refl_step
 from .reward_fns import DiNaLatentReward, make_pixel_reward_fn
 from .sampling import (
@@ -36,7 +37,7 @@ from .sampling import (
 
 logger = logging.getLogger(__name__)
 
-STEP_FUNCTIONS = {"refl": refl_step, "grpo": grpo_step}
+STEP_FUNCTIONS = {"refl": refl_step, "grpo": grpo_step, "raft": raft_step}
 LOG_NAME = "log.jsonl"
 CURVES_NAME = "curves.png"
 CHECKPOINTS_DIR = "checkpoints"

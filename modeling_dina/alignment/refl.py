@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora import LoraLayer
 
-from .common import RewardMeter, StepContext
+from .common import RewardMeter, StepContext, pretrain_loss
 from .reward_fns import call_reward
 from .sampling import (
     GENERATOR_ADAPTER,
@@ -37,27 +37,6 @@ def lora_weight_penalty(transformer) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
-def flow_matching_loss(ctx: StepContext) -> torch.Tensor:
-    """The rectified-flow ("pretrain") loss of the generator with its LoRA on a batch of real clean latents (SD3
-    convention: `x_s = (1 - s) x0 + s eps`, target `eps - x0`, `s` logit-normal), conditioned on their prompts."""
-    if ctx.pretrain_data is None:
-        raise ValueError("`pretrain_weight` > 0 needs real data: pass `pretrain_data=` to `align`.")
-    transformer = ctx.pipe.transformer
-    clean, prompts = ctx.pretrain_data(ctx.config.pretrain_batch_size, ctx.generator)
-    cond = ctx.encode(list(prompts))
-    sigma = torch.sigmoid(torch.randn(len(clean), generator=ctx.generator)).to(clean.device)
-    noise = torch.randn(clean.shape, generator=ctx.generator).to(clean.device)
-    s = sigma.view(-1, *[1] * (clean.ndim - 1))
-    velocity = transformer(
-        hidden_states=((1 - s) * clean + s * noise).to(transformer.dtype),
-        timestep=sigma * ctx.pipe.scheduler.config.num_train_timesteps,
-        encoder_hidden_states=cond.prompt_embeds,
-        pooled_projections=cond.pooled_prompt_embeds,
-        return_dict=False,
-    )[0]
-    return (velocity.float() - (noise - clean).float()).pow(2).mean()
-
-
 def refl_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[str, float]:
     """One ReFL/DRaFT update on a batch of prompts.
 
@@ -66,7 +45,7 @@ def refl_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
     reward, and backpropagates `-reward_scale * mean(reward) + kl_weight * KL` into the generator LoRA through the
     last `grad_steps` model evaluations only (earlier ones run without gradient). The reward's own backward pass
     (to the scored latents) runs first, separately, so its cost is measured on its own. With `pretrain_weight` the
-    flow-matching loss on real data (`flow_matching_loss`) is added, as the authors' ReFL recipe does.
+    flow-matching loss on real data (`pretrain_loss`) is added, as the authors' ReFL recipe does.
     """
     config, transformer = ctx.config, ctx.pipe.transformer
     cond = ctx.encode(prompts)
@@ -102,7 +81,7 @@ def refl_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
         latents.backward(grad)
     pretrain = torch.zeros(())
     if config.pretrain_weight > 0:
-        pretrain = flow_matching_loss(ctx)
+        pretrain = pretrain_loss(ctx)
         (config.pretrain_weight * pretrain).backward()
     grad_norm = ctx.optimizer_step()
     return {
