@@ -8,6 +8,7 @@ import pytest
 
 from modeling_dina.cli import main as dina_main
 from modeling_dina.shapes.align import checker_reward, parse_overrides, run_shapes_alignment, wilson_interval
+from modeling_dina.shapes.align_report import summarise_run, write_alignment_report
 from modeling_dina.shapes.demo import aligned_lora
 from modeling_dina.shapes.generator import load_generator
 from modeling_dina.shapes.render import render_scene, sample_scene
@@ -136,3 +137,9 @@ def test_shapes_refl_recipe_run(tmp_path):
         (folder / "pytorch_lora_weights.safetensors").read_bytes() for folder in (lora, tmp_path / "refl" / "best")
     ]
     assert saved[0] == saved[1]
+    # the report reads the run's log: one row per run, its curve and its reward FLOPs
+    text = write_alignment_report(tmp_path, tmp_path / "docs", "the command").read_text()
+    assert "| refl |" in text and "the command" in text and (tmp_path / "docs" / "alignment_vs_flops.png").is_file()
+    summary = summarise_run(tmp_path / "refl")
+    assert [p["step"] for p in summary["curve"]] == [0, 1, 2, 3] and summary["reward_gflop_per_step"] > 0
+    assert summary["curve"][-1]["reward_gflop"] == pytest.approx(3 * summary["reward_gflop_per_step"])

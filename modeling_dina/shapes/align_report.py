@@ -1,0 +1,219 @@
+"""`docs/shapes/alignment.md` in one command: the headline alignment runs of the Shapes world (each seed, one at a
+time), then the report — held-out compliance (checker, test-split prompts, 95 % Wilson intervals) against wall time
+and against reward FLOPs for every run.
+
+    python -m modeling_dina.shapes.align_report --runs runs/alignment --output docs/shapes          # run + report
+    python -m modeling_dina.shapes.align_report --runs runs/alignment --output docs/shapes --no-run # report only
+
+A run whose folder already holds its final LoRA is not run again, so an interrupted build resumes run by run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from .align import run_shapes_alignment
+
+__all__ = ["HEADLINE_RUNS", "summarise_run", "write_alignment_report"]
+
+EVAL_SAMPLES = 512
+SEEDS = (0, 1)
+# name -> (reward, AlignmentConfig fields, what the run is). Every run starts from the shipped generator.
+HEADLINE_RUNS: dict[str, tuple[str, dict, str]] = {
+    "grpo-checker": (
+        "checker",
+        dict(
+            method="grpo",
+            steps=60,
+            batch_size=4,
+            group_size=8,
+            num_inference_steps=10,
+            train_timesteps=3,
+            learning_rate=1e-3,
+            eval_every=20,
+        ),
+        "GRPO, exact checker (decode + checker) as the reward: tests the loop",
+    ),
+    "grpo-dina": (
+        "dina",
+        dict(
+            method="grpo",
+            steps=60,
+            batch_size=4,
+            group_size=8,
+            num_inference_steps=10,
+            train_timesteps=3,
+            learning_rate=1e-3,
+            eval_every=20,
+        ),
+        "GRPO, DiNa-LRM (latent, u = 0.4)",
+    ),
+    "raft-dina": (
+        "dina",
+        dict(method="raft", steps=60, batch_size=8, group_size=4, inner_epochs=2, learning_rate=1e-3, eval_every=20),
+        "RAFT (best of 4 by DiNa-LRM, flow-matching on it), DiNa-LRM (latent, u = 0.4)",
+    ),
+    "refl-dina": (
+        "dina",
+        dict(
+            method="refl",
+            steps=60,
+            reward_step=[14, 18],
+            grad_steps=1,
+            pretrain_weight=1.0,
+            ema_decay=0.9,
+            learning_rate=1e-4,
+            eval_every=10,
+            early_stopping_metric="validation_reward",
+            early_stopping_patience=3,
+        ),
+        "ReFL, authors' recipe (x0 at a late step, pretrain loss, EMA, early stopping), DiNa-LRM u = 0.4",
+    ),
+    "refl-dina-ensemble": (
+        "dina",
+        dict(
+            method="refl",
+            steps=60,
+            reward_step=[14, 18],
+            grad_steps=1,
+            pretrain_weight=1.0,
+            ema_decay=0.9,
+            learning_rate=1e-4,
+            eval_every=10,
+            early_stopping_metric="validation_reward",
+            early_stopping_patience=3,
+            reward_noise_level=[0.2, 0.5, 0.7],
+        ),
+        "as refl-dina, DiNa-LRM noise ensemble u = [0.2, 0.5, 0.7]",
+    ),
+}
+
+
+def run_headline(runs_dir: str | Path, names=None, seeds=SEEDS) -> None:
+    """Run the named headline runs (default all) for each seed into `runs_dir/<name>-s<seed>`, skipping finished
+    ones."""
+    for name in names or HEADLINE_RUNS:
+        reward, overrides, _ = HEADLINE_RUNS[name]
+        for seed in seeds:
+            folder = Path(runs_dir) / f"{name}-s{seed}"
+            if (folder / "lora").is_dir():
+                continue
+            run_shapes_alignment(folder, reward=reward, eval_samples=EVAL_SAMPLES, seed=seed, **overrides)
+
+
+def summarise_run(folder: str | Path) -> dict:
+    """A run's curve (step, training minutes, reward GFLOPs so far, compliance and its interval, validation reward)
+    and its cost, from `log.jsonl`."""
+    records = [json.loads(line) for line in Path(folder, "log.jsonl").read_text().splitlines() if line.strip()]
+    flops_per_step = next(r["reward_flops"] for r in records if "reward_flops" in r)
+    curve, seconds = [], 0.0
+    for r in records:
+        seconds += r.get("step_time_s", 0.0)
+        if "eval/compliance" in r:
+            curve.append(
+                {
+                    "step": r["step"],
+                    "minutes": seconds / 60,
+                    "reward_gflop": r["step"] * flops_per_step / 1e9,
+                    **{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/")},
+                }
+            )
+    best_step = next((r["best_step"] for r in reversed(records) if r.get("best_step") is not None), None)
+    return {
+        "curve": curve,
+        "minutes": seconds / 60,
+        "reward_gflop_per_step": flops_per_step / 1e9,
+        "steps": max(r["step"] for r in records),
+        "best_step": best_step,
+    }
+
+
+def _percent(point: dict) -> str:
+    return (
+        f"{100 * point['compliance']:.1f} [{100 * point['compliance_low']:.1f}, {100 * point['compliance_high']:.1f}]"
+    )
+
+
+def _plot(summaries: dict[str, dict], x: str, label: str, path: Path) -> None:
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.subplots()
+    for name, summary in summaries.items():
+        points = summary["curve"]
+        xs = [p[x] for p in points]
+        ax.plot(xs, [100 * p["compliance"] for p in points], marker="o", label=name)
+        ax.fill_between(
+            xs, [100 * p["compliance_low"] for p in points], [100 * p["compliance_high"] for p in points], alpha=0.12
+        )
+    ax.set(xlabel=label, ylabel="held-out compliance (%)", title=f"compliance vs {label}")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+
+
+def write_alignment_report(runs_dir: str | Path, output_dir: str | Path, command: str) -> Path:
+    """`alignment.md` + two plots from every finished run folder under `runs_dir`."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    folders = sorted(d for d in Path(runs_dir).iterdir() if (d / "log.jsonl").is_file())
+    if not folders:
+        raise FileNotFoundError(f"no alignment runs (folders with log.jsonl) under {runs_dir}")
+    summaries = {d.name: summarise_run(d) for d in folders}
+    _plot(summaries, "minutes", "training minutes", out / "alignment_vs_time.png")
+    _plot(summaries, "reward_gflop", "reward GFLOPs", out / "alignment_vs_flops.png")
+    lines = [
+        "# Alignment in the Shapes world",
+        "",
+        f"Built by `{command}`. Compliance = the checker's overall verdict on one ODE sample (20 steps, CFG 3) per "
+        f"held-out prompt draw: {EVAL_SAMPLES} draws over the test-split prompts (which neither the generator, the "
+        "rewards nor the early stopping see), fixed seeds, 95 % Wilson intervals in brackets. Minutes are training "
+        "time (evaluations excluded), measured on the machine named below; reward FLOPs are counted by torch on the "
+        "first step.",
+        "",
+        "| run | what | steps | minutes | reward GFLOP/step | compliance start | compliance end | best (step) |",
+        "|---|---|---:|---:|---:|---|---|---|",
+    ]
+    for name, s in summaries.items():
+        what = HEADLINE_RUNS.get(name.rsplit("-s", 1)[0], (None, None, ""))[2]
+        start, end = s["curve"][0], s["curve"][-1]
+        best = max(s["curve"], key=lambda p: p["compliance"])
+        lines.append(
+            f"| {name} | {what} | {s['steps']} | {s['minutes']:.1f} | {s['reward_gflop_per_step']:.2f} | "
+            f"{_percent(start)} | {_percent(end)} | {_percent(best)} ({best['step']}) |"
+        )
+    lines += [
+        "",
+        "![compliance vs time](alignment_vs_time.png)",
+        "",
+        "![compliance vs reward FLOPs](alignment_vs_flops.png)",
+        "",
+    ]
+    path = out / "alignment.md"
+    path.write_text("\n".join(lines))
+    (out / "alignment.json").write_text(json.dumps(summaries, indent=2))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", required=True, help="folder of the run folders")
+    parser.add_argument("--output", default="docs/shapes")
+    parser.add_argument("--only", nargs="*", choices=sorted(HEADLINE_RUNS), help="run only these headline runs")
+    parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
+    parser.add_argument("--no-run", action="store_true", help="only rebuild the report from finished runs")
+    args = parser.parse_args(argv)
+    if not args.no_run:
+        run_headline(args.runs, args.only, args.seeds)
+    path = write_alignment_report(
+        args.runs,
+        args.output,
+        "python -m modeling_dina.shapes.align_report " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
