@@ -1,10 +1,13 @@
-"""Alignment in the Shapes world: ReFL or GRPO fine-tuning of the shipped generator's LoRA against DiNa-LRM (latent
-space, one shared copy of the base blocks) or against the pixel-space reward of the report (VAE decode first), with
-the checker's prompt compliance on held-out prompts — which neither reward sees — measured before, during and after.
+"""Alignment in the Shapes world: ReFL, GRPO or RAFT fine-tuning of the shipped generator's LoRA against DiNa-LRM
+(latent space, one shared copy of the base blocks), the pixel-space reward of the report (VAE decode first) or the
+exact checker (decode + checker: the known-good reward that tests the loop), with the checker's prompt compliance on
+held-out prompts — which no reward sees — measured before, during and after.
 
     python -m modeling_dina.shapes.align --reward dina --output runs/align-dina
-    python -m modeling_dina.shapes.align --reward dina --method grpo --output runs/align-dina-grpo
+    python -m modeling_dina.shapes.align --reward checker --output runs/grpo-checker --set method=grpo steps=60
     python -m modeling_dina.shapes.align --reward pixel --pixel-model BUILD/rewards/pixel --output runs/align-pixel
+
+`--set FIELD=VALUE` sets any `AlignmentConfig` field (values read as JSON).
 """
 
 from __future__ import annotations
