@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from .backbones import backbone_type_for, read_transformer_class, resolve_base_folder
-from .modeling_dina import DiNaRewardModel, _check_keys
+from .modeling_dina import DiNaRewardModel
+from .modeling_loading import _check_keys
 
 LORA_DIR = os.path.join("checkpoint", "backbone_lora")
 HEAD_FILE = os.path.join("checkpoint", "rm_head.pt")

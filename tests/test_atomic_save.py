@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from modeling_dina import DiNaRewardModel
-from modeling_dina.modeling_dina import MANIFEST_NAME
+from modeling_dina.modeling_loading import MANIFEST_NAME
 from modeling_dina.training import files_to_upload
 
 KILLED_BETWEEN_MOVES = textwrap.dedent(

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from modeling_dina import DiNaConfig, DiNaRewardModel
+from modeling_dina import DiNaConfig, DiNaRewardModel, modeling_loading
 from modeling_dina import modeling_dina as modeling
 
 
@@ -82,7 +82,7 @@ def test_sizes_are_checked_against_the_file_header_before_reading_weights(merged
     def no_reading(*args, **kwargs):
         raise AssertionError("weights were read before the header was checked")
 
-    monkeypatch.setattr(modeling, "load_file", no_reading)
+    monkeypatch.setattr(modeling_loading, "load_file", no_reading)
     edit_config(merged_folder, head_num_queries=4000)  # within bounds, not what the file holds
     with pytest.raises(ValueError, match=r"key 'reward_head\..*' has shape .* the model expects"):
         DiNaRewardModel.from_pretrained(merged_folder)

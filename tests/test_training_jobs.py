@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_training import TINY, cache, make_pairs
 
-from modeling_dina import modeling_dina as modeling
+from modeling_dina import modeling_loading as modeling
 from modeling_dina.cli import main
 from modeling_dina.safe_files import exclusive_lock
 from modeling_dina.training.checkpoints import COMPLETE_NAME, latest_complete_checkpoint

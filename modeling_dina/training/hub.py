@@ -16,7 +16,7 @@ from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
 from ..configuration_dina import DiNaConfig
-from ..modeling_dina import TMP_SAVE_PREFIX
+from ..modeling_loading import TMP_SAVE_PREFIX
 
 TRAINER_IGNORE_PATTERNS = ("_*", "checkpoint-*")
 """What `Trainer.push_to_hub` leaves out of its output folder."""
