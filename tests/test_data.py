@@ -477,7 +477,7 @@ def test_load_benchmark_from_the_hub_passes_registry_defaults(monkeypatch):
         calls.append((path, kwargs))
         return votes
 
-    monkeypatch.setattr("modeling_dina.data.load_dataset", fake_load_dataset)
+    monkeypatch.setattr("modeling_dina.data_reading.load_dataset", fake_load_dataset)
     pairs = load_benchmark("genai_bench")
     assert calls == [("TIGER-Lab/GenAI-Bench", {"split": "test", "name": "image_generation", "data_files": None})]
     assert colors(pairs["chosen"]) == ["blue"]
