@@ -444,7 +444,7 @@ def test_push_uploads_lora_head_config_and_card(tiny_sd3_dir, train_set, tmp_pat
     trainer.create_model_card(model_name="me/dina-tiny", dataset="me/pairs", eval_dataset="me/held-out")
     backbones = ["backbones.py", *(f"backbone_{name}.py" for name in ("base", "flux", "qwenimage", "sd3", "zimage"))]
     code = [*backbones, "configuration_dina.py", "losses.py", "modeling_dina.py", "noise.py", "reward_head.py"]
-    code.append("safe_files.py")
+    code += ["modeling_loading.py", "safe_files.py"]
     saved = ["config.json", "model.safetensors", "save_manifest.json"]
     expected = sorted(["README.md", *saved, "training_args.bin", *code])
     assert files_to_upload(tmp_path / "out", TRAINER_IGNORE_PATTERNS) == expected
