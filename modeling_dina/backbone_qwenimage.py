@@ -56,8 +56,6 @@ class QwenImageBackbone(TransformerSliceBackbone):
         pooled_projections: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
     ) -> BackboneFeatures:
-        if pooled_projections is not None:
-            raise ValueError("Qwen-Image reads no pooled prompt embedding: pass `pooled_projections=None`.")
         batch, _, height, width = latents.shape
         hidden_states = self.img_in(pack_2x2(latents))
         # QwenImagePipeline passes `t / 1000` in the latents' dtype; the transformer casts it again.

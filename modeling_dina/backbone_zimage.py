@@ -104,8 +104,6 @@ class ZImageBackbone(TransformerSliceBackbone):
         pooled_projections: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
     ) -> BackboneFeatures:
-        if pooled_projections is not None:
-            raise ValueError("Z-Image reads no pooled prompt embedding: pass `pooled_projections=None`.")
         images = list(latents.unsqueeze(2).unbind(dim=0))  # ZImagePipeline: one (C, 1, h, w) item per sample
         if encoder_attention_mask is None:
             captions = list(encoder_hidden_states.unbind(dim=0))

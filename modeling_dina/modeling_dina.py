@@ -190,6 +190,10 @@ class DiNaRewardModel(DiNaLoadingMixin, PreTrainedModel):
         if family.uses_pooled and (pooled is None or pooled.shape[0] != batch):
             got = "none" if pooled is None else pooled.shape[0]
             raise ValueError(f"{batch} latents but {got} pooled embeddings (the {family.family} backbone needs them).")
+        if not family.uses_pooled and pooled is not None:
+            raise ValueError(
+                f"the {family.family} backbone reads no pooled prompt embedding: pass `pooled_projections=None`."
+            )
         if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
             raise ValueError(
                 f"`encoder_attention_mask` has shape {tuple(mask.shape)}, the prompt embeddings "
