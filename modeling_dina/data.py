@@ -427,9 +427,6 @@ def load_benchmark(
     return load_preference_data(hub_id, format=bench.format, split=split, image_root=image_root, **load_kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Groups
-# ----------------------------------------------------------------------------------------------------------
 def _list_groups(
     ds: Dataset,
     root: str | os.PathLike | None,
