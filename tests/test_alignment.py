@@ -247,6 +247,61 @@ def test_grpo_trains_only_the_generator_lora(tiny_sd3_dir, tmp_path):
     assert all(math.isfinite(r["loss"]) and 0.9 < r["ratio_mean"] < 1.1 and r["kl"] >= 0 for r in records)
 
 
+def test_grpo_shared_starts_and_sde_window(tiny_sd3_dir, tmp_path, monkeypatch):
+    """With `share_initial_noise` a group's trajectories start from one noise; with `sde_steps=2` only the first two
+    sampling steps are stochastic (and trained), the rest is the deterministic Euler step."""
+    from modeling_dina.alignment import grpo
+
+    calls = {"sde": 0, "euler": 0, "starts": []}
+    real_sde, real_euler, real_velocity = grpo.sde_step, grpo.euler_step, grpo.guided_velocity
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    def velocity(transformer, latents, timestep, cond, scale):
+        if timestep == calls.setdefault("first_t", timestep) and not torch.is_grad_enabled():
+            calls["starts"].append(latents.clone())
+        return real_velocity(transformer, latents, timestep, cond, scale)
+
+    monkeypatch.setattr(grpo, "sde_step", count("sde", real_sde))
+    monkeypatch.setattr(grpo, "euler_step", count("euler", real_euler))
+    monkeypatch.setattr(grpo, "guided_velocity", velocity)
+    pipe, model = build(tiny_sd3_dir)
+    cfg = config(tmp_path, "window", method="grpo", steps=1, group_size=3, num_inference_steps=4, sde_steps=2)
+    cfg.share_initial_noise = True
+    align(pipe, DiNaLatentReward(model), cfg, progress=False)
+    # sampling: 2 SDE + 2 Euler steps; training: the 2 SDE transitions recomputed
+    assert calls["sde"] == 2 + 2 and calls["euler"] == 2
+    starts = calls["starts"][0].view(2, 3, *calls["starts"][0].shape[1:])  # 2 prompts x group of 3
+    assert all(torch.equal(g[0], g[i]) for g in starts for i in (1, 2)) and not torch.equal(starts[0, 0], starts[1, 0])
+    with pytest.raises(ValueError, match="sde_steps"):
+        AlignmentConfig(method="grpo", sde_steps=0)
+
+
+def test_grpo_raises_a_simple_reward(tiny_sd3_dir, tmp_path):
+    """The policy gradient points uphill: a reward the generator can trivially move (the mean of a latent channel)
+    climbs within a few updates, and the same run with the reward negated descends."""
+
+    def channel_mean(latents, prompt_embeds, pooled_prompt_embeds):
+        return latents[:, 0].mean(dim=(1, 2)).float()
+
+    means = {}
+    for sign in (1, -1):
+        pipe = load_pipe(tiny_sd3_dir)
+        cfg = config(
+            tmp_path, f"simple{sign}", method="grpo", steps=8, batch_size=2, group_size=4, learning_rate=2e-2
+        )
+        cfg.share_initial_noise, cfg.sde_steps = True, 2
+        records = align(pipe, lambda *a: sign * channel_mean(*a), cfg, progress=False)
+        rewards = [sign * r["reward_mean"] for r in records]
+        means[sign] = (np.mean(rewards[:3]), np.mean(rewards[-3:]))
+    assert means[1][1] > means[1][0] + 0.3 and means[-1][1] < means[-1][0] - 0.3, means
+
+
 def test_sde_step_log_prob_and_limits():
     g = torch.Generator().manual_seed(0)
     x, v = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)

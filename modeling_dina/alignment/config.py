@@ -55,8 +55,14 @@ class AlignmentConfig:
         eta, clip_range, adv_clip_max, inner_epochs: GRPO's SDE noise level, PPO ratio clip (Flow-GRPO's 1e-4: its
             log-probabilities are means over the latent's elements, so ratios stay close to 1), advantage clip and
             optimisation epochs over each batch of trajectories.
-        train_timesteps: GRPO: how many transitions per trajectory are trained, a random subset each step (None:
+        train_timesteps: GRPO: how many SDE transitions per trajectory are trained, a random subset each step (None:
             all).
+        share_initial_noise: GRPO: the samples of a prompt's group start from the same noise, so their rewards differ
+            only through the SDE's noise, which is what the policy's log-probabilities account for (the starting
+            noise is not a decision of the policy: with independent starts most of a group's reward spread is noise
+            in the gradient).
+        sde_steps: GRPO: how many leading sampling steps use the SDE (explore, are trained); the rest use the ODE
+            (None: all steps).
         ema_decay: keep an EMA of the LoRA (the ReFL recipe's policy EMA), evaluated and saved instead of the raw
             weights; None = off.
         early_stopping_metric, early_stopping_patience: stop once the evaluation metric `eval/<metric>` (e.g. a
@@ -105,6 +111,8 @@ class AlignmentConfig:
     adv_clip_max: float = 5.0
     inner_epochs: int = 1
     train_timesteps: int | None = None
+    share_initial_noise: bool = False
+    sde_steps: int | None = None
 
     ema_decay: float | None = None
     early_stopping_metric: str | None = None
@@ -134,7 +142,7 @@ class AlignmentConfig:
         for name in ("checkpoint_every", "eval_every", "kl_weight", "clip_range", "pretrain_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
-        for name in ("grad_steps", "train_timesteps"):
+        for name in ("grad_steps", "train_timesteps", "sde_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1 or None (all), got {getattr(self, name)}.")
         if self.method in ("grpo", "raft") and self.group_size < 2:

@@ -7,7 +7,14 @@ import torch
 
 from .common import RewardMeter, StepContext
 from .reward_fns import call_reward
-from .sampling import generator_lora_disabled, guided_velocity, inference_schedule, initial_latents, sde_step
+from .sampling import (
+    euler_step,
+    generator_lora_disabled,
+    guided_velocity,
+    inference_schedule,
+    initial_latents,
+    sde_step,
+)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -22,42 +29,52 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
 def grpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[str, float]:
     """One Flow-GRPO update on a batch of prompts.
 
-    1. Sample `group_size` trajectories per prompt with the SDE sampler (noise level `eta`, CFG), storing every
-       transition and its log-probability under the current policy (no gradient).
+    1. Sample `group_size` trajectories per prompt (CFG), from one shared starting noise per prompt when
+       `share_initial_noise` (so a group's rewards differ only through the sampler's own noise, which the
+       log-probabilities credit), with the SDE sampler (noise level `eta`) on the first `sde_steps` steps and the ODE
+       on the rest, storing each SDE transition and its log-probability under the current policy (no gradient).
     2. Score the final latents with the reward (no gradient); advantages are normalised within each prompt's group
        and clipped to `adv_clip_max`.
-    3. For `inner_epochs` epochs, over `train_timesteps` transitions per trajectory (a random subset; all if None),
-       minimise the PPO loss `mean(max(-A r, -A clip(r, 1 - clip_range, 1 + clip_range)))` with `r` the ratio of the
-       current to the stored transition probability, plus `kl_weight` times the KL between the current and the base
-       model's (LoRA disabled) Gaussian transitions, `|mean - mean_ref|^2 / (2 std^2)` averaged over elements.
+    3. For `inner_epochs` epochs, over `train_timesteps` of the SDE transitions per trajectory (a random subset; all
+       if None), minimise the PPO loss `mean(max(-A r, -A clip(r, 1 - clip_range, 1 + clip_range)))` with `r` the
+       ratio of the current to the stored transition probability, plus `kl_weight` times the KL between the current
+       and the base model's (LoRA disabled) Gaussian transitions, `|mean - mean_ref|^2 / (2 std^2)` averaged over
+       elements.
        Gradients are accumulated over the transitions, one optimiser step per epoch.
     """
     config, transformer = ctx.config, ctx.pipe.transformer
     group = config.group_size
     cond = ctx.encode(prompts).repeat_interleave(group)
-    latents = initial_latents(ctx.pipe, len(prompts) * group, ctx.height, ctx.width, ctx.generator)
+    starts = len(prompts) if config.share_initial_noise else len(prompts) * group
+    latents = initial_latents(ctx.pipe, starts, ctx.height, ctx.width, ctx.generator)
+    if config.share_initial_noise:
+        latents = latents.repeat_interleave(group, 0)
     sigmas, timesteps = inference_schedule(ctx.pipe, config.num_inference_steps, latents.shape)
     num_steps = config.num_inference_steps
+    sde_steps = num_steps if config.sde_steps is None else min(config.sde_steps, num_steps)
 
     trajectory, old_log_probs = [latents], []
     with torch.no_grad():
         for i in range(num_steps):
             velocity = guided_velocity(transformer, latents, timesteps[i], cond, config.guidance_scale)
-            latents, log_prob, _, _ = sde_step(
-                latents, velocity, sigmas[i], sigmas[i + 1], sigmas[1], config.eta, generator=ctx.generator
-            )
+            if i < sde_steps:
+                latents, log_prob, _, _ = sde_step(
+                    latents, velocity, sigmas[i], sigmas[i + 1], sigmas[1], config.eta, generator=ctx.generator
+                )
+                old_log_probs.append(log_prob)
+            else:  # the deterministic rest of the trajectory: no decision to credit, nothing to train
+                latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
             trajectory.append(latents)
-            old_log_probs.append(log_prob)
         repeated = [p for p in prompts for _ in range(group)]
         with meter.measure():
             rewards = call_reward(ctx.reward_fn, latents, cond.prompt_embeds, cond.pooled_prompt_embeds, repeated)
     advantages = group_advantages(rewards, group).clamp(-config.adv_clip_max, config.adv_clip_max)
     advantages = advantages.to(latents.device)
 
-    if config.train_timesteps is None or config.train_timesteps >= num_steps:
-        train_steps = list(range(num_steps))
+    if config.train_timesteps is None or config.train_timesteps >= sde_steps:
+        train_steps = list(range(sde_steps))
     else:
-        train_steps = sorted(torch.randperm(num_steps, generator=ctx.generator)[: config.train_timesteps].tolist())
+        train_steps = sorted(torch.randperm(sde_steps, generator=ctx.generator)[: config.train_timesteps].tolist())
 
     stats = {"loss": 0.0, "kl": 0.0, "ratio_mean": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
     count = config.inner_epochs * len(train_steps)
