@@ -61,7 +61,11 @@ def main() -> None:
             features=FEATURES,
         )
         cached = cache_preference_dataset(
-            pairs, GENERATOR_DIR, os.path.join(folder, "cache"), buckets=[(64, 64)], max_sequence_length=max_length,
+            pairs,
+            GENERATOR_DIR,
+            os.path.join(folder, "cache"),
+            buckets=[(64, 64)],
+            max_sequence_length=max_length,
             progress=False,
         )
         rows = {int(r): i for i, r in enumerate(cached.pairs["row"])}

@@ -34,6 +34,7 @@ LOADING = {"missing_images": "raise"}
 (a plain dict: `datasets` hashes the adapters' functions, and a context variable cannot be hashed)."""
 FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
+
 def load_source(
     source: str | os.PathLike | Dataset | DatasetDict, split: str | None, load_kwargs: dict[str, Any]
 ) -> tuple[Dataset, Path | None]:
@@ -67,9 +68,7 @@ def load_folder(folder: Path, split: str | None) -> Dataset | DatasetDict:
     """A `save_to_disk` folder, or the data files of `split` (all data files when None) in `folder` or `folder/data`."""
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         return load_from_disk(str(folder))
-    found = sorted(
-        f for d in (folder, folder / "data") if d.is_dir() for f in d.iterdir() if f.suffix in FILE_BUILDERS
-    )
+    found = sorted(f for d in (folder, folder / "data") if d.is_dir() for f in d.iterdir() if f.suffix in FILE_BUILDERS)
     files = [f for f in found if split is None or f.stem == split or f.name.startswith(f"{split}-")]
     if not files:
         names = ", ".join(f.name for f in found) or "none"

@@ -38,7 +38,6 @@ MANIFEST_NAME = "save_manifest.json"
 TMP_SAVE_PREFIX = ".tmp-save-"
 
 
-
 class DiNaLoadingMixin:
     """`from_base`, the trainable state dicts, `save_pretrained` and `from_pretrained` of [`DiNaRewardModel`] (a mixin
     placed before `PreTrainedModel`)."""

@@ -149,5 +149,3 @@ def _is_pipeline_folder(name: str, revision: str | None) -> bool:
 def _accelerator() -> torch.device | None:
     accelerator = torch.accelerator.current_accelerator()
     return torch.device(accelerator.type, 0) if accelerator is not None else None
-
-

@@ -292,11 +292,9 @@ def test_grpo_raises_a_simple_reward(tiny_sd3_dir, tmp_path):
     means = {}
     for sign in (1, -1):
         pipe = load_pipe(tiny_sd3_dir)
-        cfg = config(
-            tmp_path, f"simple{sign}", method="grpo", steps=8, batch_size=2, group_size=4, learning_rate=2e-2
-        )
+        cfg = config(tmp_path, f"simple{sign}", method="grpo", steps=8, batch_size=2, group_size=4, learning_rate=2e-2)
         cfg.share_initial_noise, cfg.sde_steps = True, 2
-        records = align(pipe, lambda *a: sign * channel_mean(*a), cfg, progress=False)
+        records = align(pipe, lambda *a, s=sign: s * channel_mean(*a), cfg, progress=False)
         rewards = [sign * r["reward_mean"] for r in records]
         means[sign] = (np.mean(rewards[:3]), np.mean(rewards[-3:]))
     assert means[1][1] > means[1][0] + 0.3 and means[-1][1] < means[-1][0] - 0.3, means
