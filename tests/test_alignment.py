@@ -29,6 +29,7 @@ from modeling_dina.alignment import (
 )
 from modeling_dina.alignment.cli import add_align_parser, run_align
 from modeling_dina.alignment.common import ParameterEMA, RewardMeter, pretrain_loss
+from modeling_dina.alignment.dpo import dpo_loss
 from modeling_dina.alignment.loop import _prepare
 from modeling_dina.alignment.refl import refl_step
 from modeling_dina.tiny_sd3 import TINY_DINA
@@ -530,3 +531,46 @@ def test_raft_fits_the_best_candidate_of_each_group(tiny_sd3_dir, tmp_path, monk
     assert all(torch.equal(clean, expected) and prompts == PROMPTS[:2] for clean, prompts in calls)
     assert record["kept_reward_mean"] == pytest.approx(rewards.max(dim=1).values.mean().item())
     assert record["kept_reward_mean"] >= record["reward_mean"] and record["loss"] > 0
+
+
+def test_dpo_loss_by_hand():
+    policy = torch.tensor([[0.10, 0.50], [0.30, 0.20]])  # rows: winners, losers; columns: pairs
+    reference = torch.tensor([[0.20, 0.40], [0.25, 0.30]])
+    beta = 10.0
+    inner = [((0.10 - 0.20) - (0.30 - 0.25)), ((0.50 - 0.40) - (0.20 - 0.30))]
+    expected = sum(-math.log(1 / (1 + math.exp(0.5 * beta * d))) for d in inner) / 2
+    assert dpo_loss(policy, reference, beta).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dpo_pairs_each_groups_best_and_worst_against_the_base(tiny_sd3_dir, tmp_path, monkeypatch):
+    import modeling_dina.alignment.dpo as dpo
+
+    pipe = load_pipe(tiny_sd3_dir)
+    seen, calls = {}, []
+
+    def brightness(latents, embeds, pooled):
+        seen["latents"] = latents.detach().clone()
+        return latents.mean(dim=(1, 2, 3))
+
+    cfg = config(tmp_path, "dpo", method="dpo", steps=1, group_size=3, inner_epochs=2, max_sequence_length=16)
+    ctx = _prepare(pipe, brightness, cfg)
+    errors = dpo.velocity_errors
+
+    def recording(c, clean, cond, sigma, noise):
+        calls.append((clean, sigma, noise, torch.is_grad_enabled()))
+        return errors(c, clean, cond, sigma, noise)
+
+    monkeypatch.setattr(dpo, "velocity_errors", recording)
+    before = {k: v.clone() for k, v in generator_lora_state_dict(pipe.transformer).items()}
+    record = dpo.dpo_step(ctx, PROMPTS[:2], RewardMeter(torch.device("cpu")))
+    grouped = seen["latents"].view(2, 3, *seen["latents"].shape[1:])
+    rewards = seen["latents"].mean(dim=(1, 2, 3)).view(2, 3)
+    winners, losers = grouped[torch.arange(2), rewards.argmax(1)], grouped[torch.arange(2), rewards.argmin(1)]
+    assert record["pairs"] == 2 and len(calls) == 4  # per inner epoch: the base (no grad), then the policy
+    for (clean, sigma, noise, grad), wants_grad in zip(calls, [False, True, False, True]):
+        assert torch.equal(clean, torch.cat([winners, losers])) and grad == wants_grad
+        assert torch.equal(sigma[:2], sigma[2:]) and torch.equal(noise[:2], noise[2:])  # a pair shares both
+    assert calls[0][2].data_ptr() == calls[1][2].data_ptr() and not torch.equal(calls[0][2], calls[2][2])
+    after = generator_lora_state_dict(pipe.transformer)
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    assert record["loss"] > 0 and math.isfinite(record["loss"])

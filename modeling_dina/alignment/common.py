@@ -111,13 +111,10 @@ class RewardMeter:
         self.seconds += time.perf_counter() - start
 
 
-def flow_matching_loss(ctx: StepContext, clean: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """The rectified-flow loss of the generator (LoRA active) on clean latents of `prompts` (SD3 convention:
-    `x_s = (1 - s) x0 + s eps`, target `eps - x0`, `s` logit-normal; conditional, no guidance)."""
+def velocity_errors(ctx: StepContext, clean: torch.Tensor, cond: PromptEmbeddings, sigma, noise) -> torch.Tensor:
+    """Per-sample mean squared error of the generator's conditional velocity (no guidance) against the rectified-flow
+    target `noise - x0` at `x_s = (1 - s) x0 + s noise` (SD3 convention), shape `(B,)`."""
     transformer = ctx.pipe.transformer
-    cond = ctx.encode(list(prompts))
-    sigma = torch.sigmoid(torch.randn(len(clean), generator=ctx.generator)).to(clean.device)
-    noise = torch.randn(clean.shape, generator=ctx.generator).to(clean.device)
     s = sigma.view(-1, *[1] * (clean.ndim - 1))
     velocity = transformer(
         hidden_states=((1 - s) * clean + s * noise).to(transformer.dtype),
@@ -126,7 +123,15 @@ def flow_matching_loss(ctx: StepContext, clean: torch.Tensor, prompts: list[str]
         pooled_projections=cond.pooled_prompt_embeds,
         return_dict=False,
     )[0]
-    return (velocity.float() - (noise - clean).float()).pow(2).mean()
+    return (velocity.float() - (noise - clean).float()).pow(2).mean(dim=tuple(range(1, clean.ndim)))
+
+
+def flow_matching_loss(ctx: StepContext, clean: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The rectified-flow loss of the generator (LoRA active) on clean latents of `prompts`: `velocity_errors` at a
+    logit-normal `s` and a fresh Gaussian draw per sample (conditional, no guidance)."""
+    sigma = torch.sigmoid(torch.randn(len(clean), generator=ctx.generator)).to(clean.device)
+    noise = torch.randn(clean.shape, generator=ctx.generator).to(clean.device)
+    return velocity_errors(ctx, clean, ctx.encode(list(prompts)), sigma, noise).mean()
 
 
 def pretrain_loss(ctx: StepContext) -> torch.Tensor:

@@ -12,7 +12,7 @@ import yaml
 
 from .sampling import GENERATOR_LORA_TARGETS
 
-METHODS = ("refl", "grpo", "raft")
+METHODS = ("refl", "grpo", "raft", "dpo")
 KL_TYPES = ("prediction", "weights")
 
 
@@ -29,9 +29,10 @@ class AlignmentConfig:
         device, dtype: where and in what precision to load them (`dtype` e.g. `"bfloat16"`; default float32).
 
     Run:
-        method: `"refl"` (reward gradient through the last sampling steps), `"grpo"` (policy gradient) or `"raft"`
+        method: `"refl"` (reward gradient through the last sampling steps), `"grpo"` (policy gradient), `"raft"`
             (reward-ranked fine-tuning: flow-matching on the best of `group_size` samples per prompt,
-            `inner_epochs` optimiser steps per batch).
+            `inner_epochs` optimiser steps per batch) or `"dpo"` (online Diffusion-DPO on each prompt's best and
+            worst of `group_size` samples, against the frozen base; `dpo_beta` its inverse temperature).
         prompts: a list of prompts or a text file with one per line; each step draws `batch_size` of them.
         steps, learning_rate, weight_decay, max_grad_norm (None: no clipping): the AdamW optimisation.
         batch_size: prompts per step; `group_size` (GRPO): samples per prompt.
@@ -110,6 +111,7 @@ class AlignmentConfig:
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
     inner_epochs: int = 1
+    dpo_beta: float = 5000.0
     train_timesteps: int | None = None
     share_initial_noise: bool = False
     sde_steps: int | None = None
@@ -139,13 +141,13 @@ class AlignmentConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        for name in ("checkpoint_every", "eval_every", "kl_weight", "clip_range", "pretrain_weight"):
+        for name in ("checkpoint_every", "eval_every", "kl_weight", "clip_range", "pretrain_weight", "dpo_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         for name in ("grad_steps", "train_timesteps", "sde_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1 or None (all), got {getattr(self, name)}.")
-        if self.method in ("grpo", "raft") and self.group_size < 2:
+        if self.method in ("grpo", "raft", "dpo") and self.group_size < 2:
             raise ValueError(
                 f"{self.method} ranks samples per group: `group_size` must be >= 2, got {self.group_size}."
             )

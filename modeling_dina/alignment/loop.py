@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..modeling_dina import DiNaRewardModel
 from .common import ParameterEMA, PretrainData, RewardMeter, StepContext
 from .config import AlignmentConfig
+from .dpo import dpo_step
 from .grpo import grpo_step
 from .raft import raft_step
 from .refl import refl_step
@@ -37,7 +38,7 @@ from .sampling import (
 
 logger = logging.getLogger(__name__)
 
-STEP_FUNCTIONS = {"refl": refl_step, "grpo": grpo_step, "raft": raft_step}
+STEP_FUNCTIONS = {"refl": refl_step, "grpo": grpo_step, "raft": raft_step, "dpo": dpo_step}
 LOG_NAME = "log.jsonl"
 CURVES_NAME = "curves.png"
 CHECKPOINTS_DIR = "checkpoints"

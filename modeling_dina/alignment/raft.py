@@ -11,14 +11,9 @@ from .reward_fns import call_reward
 from .sampling import euler_step, guided_velocity, inference_schedule, initial_latents
 
 
-def raft_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[str, float]:
-    """One RAFT update on a batch of prompts.
-
-    1. Sample `group_size` candidates per prompt with the Euler (ODE) sampler and CFG, as inference does.
-    2. Score them (no gradient) and keep each prompt's best.
-    3. `inner_epochs` optimiser steps of the flow-matching loss on the kept latents (a fresh noise level each), plus
-       `pretrain_weight` times the same loss on real data when given.
-    """
+def sample_groups(ctx: StepContext, prompts: list[str], meter: RewardMeter):
+    """`group_size` candidates per prompt from the Euler (ODE) sampler with CFG, as inference makes them, and their
+    rewards (no gradient). Returns `(latents, rewards)`, laid out as consecutive groups of `group_size`."""
     config, transformer = ctx.config, ctx.pipe.transformer
     group = config.group_size
     cond = ctx.encode(prompts).repeat_interleave(group)
@@ -31,6 +26,19 @@ def raft_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
             latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
         with meter.measure():
             rewards = call_reward(ctx.reward_fn, latents, cond.prompt_embeds, cond.pooled_prompt_embeds, repeated)
+    return latents, rewards
+
+
+def raft_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[str, float]:
+    """One RAFT update on a batch of prompts.
+
+    1. Sample `group_size` candidates per prompt with the Euler (ODE) sampler and CFG, as inference does.
+    2. Score them (no gradient) and keep each prompt's best.
+    3. `inner_epochs` optimiser steps of the flow-matching loss on the kept latents (a fresh noise level each), plus
+       `pretrain_weight` times the same loss on real data when given.
+    """
+    config, group = ctx.config, ctx.config.group_size
+    latents, rewards = sample_groups(ctx, prompts, meter)
     best = rewards.view(-1, group).argmax(dim=1).cpu() + torch.arange(len(prompts)) * group
     kept = latents[best.to(latents.device)]
 
