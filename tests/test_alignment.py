@@ -574,3 +574,44 @@ def test_dpo_pairs_each_groups_best_and_worst_against_the_base(tiny_sd3_dir, tmp
     after = generator_lora_state_dict(pipe.transformer)
     assert any(not torch.equal(before[k], after[k]) for k in after)
     assert record["loss"] > 0 and math.isfinite(record["loss"])
+
+
+def test_reward_refresh_trains_the_reward_on_labelled_policy_pairs(tiny_sd3_dir, tmp_path):
+    """Every `every` steps the refresh samples the policy, pairs samples of a prompt by the labeler's verdict and
+    fits the reward's LoRA and head to them (the Thurstone loss falls); the generator and the base stay untouched
+    by it, and its state is checkpointed and restored on resume."""
+    from modeling_dina.alignment.refresh import RewardRefresh
+
+    pipe, model = build(tiny_sd3_dir)
+    brightness = lambda images, prompts: [float(np.asarray(im).mean()) for im in images]  # noqa: E731
+    sampler = dict(num_inference_steps=2, guidance_scale=1.0, max_sequence_length=16)
+    refresh = RewardRefresh(
+        model,
+        brightness,
+        PROMPTS,
+        every=2,
+        num_prompts=2,
+        per_prompt=3,
+        train_steps=30,
+        learning_rate=3e-3,
+        sample_kwargs=sampler,
+    )
+    head_before, base_before = snapshot(model.reward_head), snapshot(pipe.transformer)
+    assert refresh(pipe, 1) == {}  # not a refresh step
+    first = refresh(pipe, 2)
+    assert first["refresh/pairs"] == 2 * 3  # 3 samples of 2 prompts, all labels distinct: 3 ordered pairs each
+    pairs = refresh.buffer
+    chosen = model.score_clean(pairs["chosen"], pairs["prompt_embeds"], pairs["pooled_prompt_embeds"], noise_level=0.2)
+    rejected = model.score_clean(
+        pairs["rejected"], pairs["prompt_embeds"], pairs["pooled_prompt_embeds"], noise_level=0.2
+    )
+    assert (chosen.rewards > rejected.rewards).float().mean() >= 5 / 6
+    assert any(not torch.equal(p, head_before[n]) for n, p in model.reward_head.named_parameters())
+    base_now = snapshot(pipe.transformer)
+    assert all(torch.equal(base_now[n], p) for n, p in base_before.items() if ".dina_reward." not in n)
+    assert not any(p.requires_grad for p in model.parameters())  # frozen again for the alignment step
+    state = refresh.state_dict()
+    restored = RewardRefresh(model, brightness, PROMPTS, every=2, sample_kwargs=sampler)
+    restored.load_state_dict(state)
+    assert torch.equal(restored.buffer["chosen"], pairs["chosen"])
+    assert restored.generator.get_state().equal(refresh.generator.get_state())

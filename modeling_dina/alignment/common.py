@@ -59,6 +59,7 @@ class StepContext:
     max_sequence_length: int
     pretrain_data: PretrainData | None = None
     ema: ParameterEMA | None = None
+    step_callback: Callable | None = None
 
     def encode(self, prompts: list[str]) -> PromptEmbeddings:
         return encode_prompts(

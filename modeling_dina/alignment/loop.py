@@ -55,6 +55,7 @@ def align(
     *,
     eval_fn: Callable | None = None,
     pretrain_data: PretrainData | None = None,
+    step_callback: Callable | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> list[dict]:
@@ -69,6 +70,8 @@ def align(
             last step); its values are logged as `eval/<metric>`. With `ema_decay` it sees the EMA weights.
         pretrain_data: `fn(batch_size, generator) -> (clean latents, prompts)` of real data, for ReFL's
             flow-matching regulariser (`pretrain_weight`).
+        step_callback: `fn(pipe, step) -> {metric: value}`, run after every step on the current (not the EMA) policy,
+            its values logged, e.g. `RewardRefresh`; its `state_dict()` (when it has one) is checkpointed.
         resume: continue from the latest checkpoint in `config.output_dir` (from scratch if there is none).
 
     Writes to `config.output_dir`: `log.jsonl` (one record per step: reward mean/std, loss, KL, gradient norm, wall
@@ -85,6 +88,7 @@ def align(
     (out / "alignment_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     ctx = _prepare(pipe, reward_fn, config, pretrain_data)
+    ctx.step_callback = step_callback
     stopper = EarlyStopping(config.early_stopping_metric, config.early_stopping_patience, out / BEST_LORA_DIR)
     start = 0
     checkpoint = latest_checkpoint(out) if resume else None
@@ -110,6 +114,8 @@ def align(
             torch.cuda.reset_peak_memory_stats(device)
         began = time.perf_counter()
         record = {"step": step, **step_fn(ctx, batch, meter)}
+        if step_callback is not None:
+            record.update(step_callback(pipe, step) or {})
         record.update(step_time_s=time.perf_counter() - began, reward_time_s=meter.seconds, **_peak_memory(device))
         if meter.flops is not None:
             record["reward_flops"] = meter.flops
@@ -332,6 +338,8 @@ def save_checkpoint(
         state["ema"] = ctx.ema.shadow
     if stopper is not None:
         state["early_stopping"] = stopper.state_dict()
+    if hasattr(ctx.step_callback, "state_dict"):
+        state["step_callback"] = ctx.step_callback.state_dict()
     torch.save(state, tmp / STATE_NAME)
     if final.exists():
         shutil.rmtree(final)
@@ -360,4 +368,10 @@ def load_checkpoint(folder: str | os.PathLike, ctx: StepContext, stopper: EarlyS
         ctx.ema.shadow = [t.clone() for t in state["ema"]]
     if stopper is not None and "early_stopping" in state:
         stopper.load_state_dict(state["early_stopping"])
+    if hasattr(ctx.step_callback, "load_state_dict"):
+        if "step_callback" not in state:
+            raise ValueError(
+                f"{folder} holds no state of the run's step callback ({type(ctx.step_callback).__name__})."
+            )
+        ctx.step_callback.load_state_dict(state["step_callback"])
     return int(state["step"])

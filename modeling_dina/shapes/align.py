@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..alignment import AlignmentConfig, DiNaLatentReward, align, encode_prompts, make_pixel_reward_fn
+from ..alignment.refresh import RewardRefresh
 from ..modeling_dina import DiNaRewardModel
 from .checker import check_many
 from .data import split_prompts
@@ -138,11 +139,14 @@ def run_shapes_alignment(
     validation_samples: int = 64,
     skip_start_eval: bool = False,
     threads: int | None = None,
+    refresh_every: int = 0,
     **overrides,
 ) -> list[dict]:
     """Align the shipped generator on the train-split prompts; `overrides` are `AlignmentConfig` fields (method,
-    steps, learning_rate, ...); `threads` sets torch's intra-op threads (1 is faster on a busy machine). Logs
-    (`log.jsonl`, `curves.png`) and the LoRA in `output_dir`."""
+    steps, learning_rate, ...); `threads` sets torch's intra-op threads (1 is faster on a busy machine);
+    `refresh_every` > 0 refreshes the DiNa reward on checker-labelled samples of the current policy (train-split
+    prompts) every that many steps (`RewardRefresh`). Logs (`log.jsonl`, `curves.png`) and the LoRA in
+    `output_dir`."""
     torch.set_flush_denormal(True)
     if threads:
         torch.set_num_threads(threads)
@@ -163,12 +167,26 @@ def run_shapes_alignment(
     )
     differentiable = reward_fn if reward != "checker" else None
     pretrain_data = real_data(config.load_prompts(), seed=config.seed) if config.pretrain_weight > 0 else None
+    refresh = None
+    if refresh_every:
+        if reward != "dina":
+            raise ValueError("only the DiNa reward is refreshed (`refresh_every` needs reward='dina').")
+        sampler = {**SHAPES_SAMPLER, "num_inference_steps": config.num_inference_steps}
+        refresh = RewardRefresh(
+            reward_fn.model,
+            checker_reward,
+            config.load_prompts(),
+            every=refresh_every,
+            sample_kwargs=sampler,
+            seed=config.seed,
+        )
     return align(
         pipe,
         reward_fn,
         config,
         eval_fn=evaluation_fn(eval_samples, differentiable, validation_samples, skip_start=skip_start_eval),
         pretrain_data=pretrain_data,
+        step_callback=refresh,
     )
 
 
@@ -195,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-samples", type=int, default=128)
     parser.add_argument("--skip-start-eval", action="store_true", help="no evaluation of the unchanged start")
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument(
+        "--refresh-every", type=int, default=0, help="refresh DiNa-LRM on checker-labelled policy samples every N steps"
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="AlignmentConfig fields (JSON)")
     args = parser.parse_args(argv)
     run_shapes_alignment(
@@ -204,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_samples=args.eval_samples,
         skip_start_eval=args.skip_start_eval,
         threads=args.threads,
+        refresh_every=args.refresh_every,
         **parse_overrides(args.set),
     )
 

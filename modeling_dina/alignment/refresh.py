@@ -1,0 +1,156 @@
+"""On-policy reward refresh: keep a learned latent reward honest while a generator is aligned against it.
+
+A policy optimised against a fixed learned reward drifts to samples the reward has never seen and overrates (reward
+hacking). Every few steps `RewardRefresh` samples the current policy, has a labeler judge the samples (a checker, a
+VLM judge, people), pairs them within each prompt and fine-tunes the DiNa reward's LoRA and head on those pairs with
+the noise-calibrated Thurstone loss of its own training (SPEC §2), so the reward learns what the policy now produces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..losses import thurstone_loss
+from ..modeling_dina import ADAPTER_NAME, DiNaRewardModel
+from ..noise import sample_noise_levels
+from .reward_fns import decode_latents
+from .sampling import encode_prompts
+
+
+class RewardRefresh:
+    """`fn(pipe, step) -> {metric: value}` for `align(..., step_callback=...)`: every `every` steps, refresh `model`.
+
+    Args:
+        model: the DiNa reward being optimised against (its backbone may be the generator's own blocks).
+        labeler: `fn(images, prompts) -> one number per image` (PIL images); higher is better, equal is a tie.
+        prompts: the prompts to sample (the alignment's training prompts).
+        every: refresh after every `every` alignment steps.
+        num_prompts, per_prompt: how many prompts are drawn per refresh and how many samples each gets.
+        train_steps, batch_size, learning_rate: the reward's AdamW updates per refresh (pairs drawn from the buffer).
+        buffer_size: how many of the most recent pairs are kept and trained on.
+        sample_kwargs: the policy's sampler settings (`num_inference_steps`, `guidance_scale`,
+            `max_sequence_length`), as inference uses them.
+        seed: seed of the prompt draws, the sampler, the pairs and the noise.
+    """
+
+    def __init__(
+        self,
+        model: DiNaRewardModel,
+        labeler: Callable[[list, list[str]], Sequence[float]],
+        prompts: Sequence[str],
+        *,
+        every: int = 10,
+        num_prompts: int = 16,
+        per_prompt: int = 4,
+        train_steps: int = 20,
+        batch_size: int = 32,
+        learning_rate: float = 1e-4,
+        buffer_size: int = 2048,
+        sample_kwargs: dict | None = None,
+        seed: int = 0,
+    ):
+        if every < 1 or per_prompt < 2 or num_prompts < 1 or train_steps < 0 or batch_size < 1 or buffer_size < 1:
+            raise ValueError(
+                "every, num_prompts, batch_size and buffer_size must be >= 1, per_prompt >= 2 and train_steps >= 0."
+            )
+        self.model, self.labeler, self.prompts = model, labeler, list(prompts)
+        self.every, self.num_prompts, self.per_prompt = every, num_prompts, per_prompt
+        self.train_steps, self.batch_size, self.buffer_size = train_steps, batch_size, buffer_size
+        self.sample_kwargs = dict(sample_kwargs or {})
+        self.params = [
+            p for n, p in model.named_parameters() if f".{ADAPTER_NAME}." in n or n.startswith("reward_head.")
+        ]
+        self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.buffer: dict[str, torch.Tensor] = {}
+
+    def __call__(self, pipe, step: int) -> dict[str, float]:
+        if step % self.every:
+            return {}
+        pairs = self.label_pairs(pipe)
+        if self.buffer:
+            pairs = {k: torch.cat([self.buffer[k], v]) for k, v in pairs.items()}
+        self.buffer = {k: v[-self.buffer_size :] for k, v in pairs.items()}
+        return {
+            "refresh/pairs": float(len(self.buffer["chosen"])),
+            "refresh/loss": self.train() if self.train_steps else float("nan"),
+        }
+
+    @torch.no_grad()
+    def label_pairs(self, pipe) -> dict[str, torch.Tensor]:
+        """Sample the current policy, label the samples and pair them within each prompt (higher label preferred)."""
+        picks = torch.randint(len(self.prompts), (self.num_prompts,), generator=self.generator).tolist()
+        prompts = [self.prompts[i] for i in picks for _ in range(self.per_prompt)]
+        seeds = torch.randint(2**31 - 1, (len(prompts),), generator=self.generator).tolist()
+        generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
+        latents = pipe(prompt=prompts, generator=generators, output_type="latent", **self.sample_kwargs).images
+        labels = torch.as_tensor(self.labeler(decode_latents(pipe, latents), prompts), dtype=torch.float32)
+        cond = encode_prompts(pipe, prompts, guidance_scale=1.0, **self._encode_kwargs())
+        chosen, rejected = [], []
+        for start in range(0, len(prompts), self.per_prompt):
+            for i in range(start, start + self.per_prompt):
+                for j in range(start, start + self.per_prompt):
+                    if labels[i] > labels[j]:
+                        chosen.append(i)
+                        rejected.append(j)
+        chosen, rejected = torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
+        return {
+            "chosen": latents[chosen].cpu(),
+            "rejected": latents[rejected].cpu(),
+            "prompt_embeds": cond.prompt_embeds[chosen].cpu(),
+            "pooled_prompt_embeds": cond.pooled_prompt_embeds[chosen].cpu(),
+        }
+
+    def _encode_kwargs(self) -> dict:
+        length = self.sample_kwargs.get("max_sequence_length", self.model.config.max_sequence_length)
+        return {"max_sequence_length": length}
+
+    def train(self) -> float:
+        """`train_steps` updates of the reward on pairs from the buffer: one uniform noise level and one draw per
+        pair, shared by its two latents (common random numbers, SPEC §1); returns the mean loss."""
+        count = len(self.buffer.get("chosen", ()))
+        if not count:
+            return float("nan")
+        device = next(iter(self.params)).device
+        for p in self.params:
+            p.requires_grad_(True)
+        losses = []
+        try:  # the model stays in eval mode: its backbone may be the generator's own blocks
+            for _ in range(self.train_steps):
+                index = torch.randint(count, (min(self.batch_size, count),), generator=self.generator)
+                batch = {k: v[index].to(device) for k, v in self.buffer.items()}
+                levels = sample_noise_levels(len(index), generator=self.generator)
+                noise = torch.randn(batch["chosen"].shape, generator=self.generator).to(device)
+                out = self.model.score_clean(
+                    torch.cat([batch["chosen"], batch["rejected"]]),
+                    batch["prompt_embeds"].repeat(2, 1, 1),
+                    batch["pooled_prompt_embeds"].repeat(2, 1),
+                    noise_level=levels.repeat(2).to(device),
+                    noise=noise.repeat(2, 1, 1, 1),
+                )
+                rewards, sigma = out.rewards.view(2, -1), out.sigmas[: len(index)]
+                loss = thurstone_loss(rewards[0], rewards[1], sigma.to(rewards.device))
+                loss.backward()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+        finally:
+            for p in self.params:
+                p.requires_grad_(False)
+        return sum(losses) / len(losses)
+
+    def state_dict(self) -> dict:
+        return {
+            "reward": {k: v.detach().cpu() for k, v in self.model.trainable_state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "buffer": self.buffer,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_trainable_state_dict(state["reward"], source="the refresh checkpoint")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.buffer = state["buffer"]
