@@ -615,3 +615,20 @@ def test_reward_refresh_trains_the_reward_on_labelled_policy_pairs(tiny_sd3_dir,
     restored.load_state_dict(state)
     assert torch.equal(restored.buffer["chosen"], pairs["chosen"])
     assert restored.generator.get_state().equal(refresh.generator.get_state())
+
+
+def test_latent_reward_shares_the_noise_draw_within_a_prompt(tiny_sd3_dir):
+    """Common random numbers: samples of one prompt see one noise draw, so equal latents of a prompt score equal and
+    a group's reward differences come from its images; different prompts get their own draws."""
+    pipe, model = build(tiny_sd3_dir)
+    reward = DiNaLatentReward(model, noise_level=0.9, seed=1)
+    latents = torch.randn(1, 4, 8, 8).repeat(4, 1, 1, 1)
+    prompts = ["a red circle", "a red circle", "two cats", "two cats"]
+    cond = encode_prompts(pipe, prompts, guidance_scale=1.0, max_sequence_length=16)
+    shared = reward(latents, cond.prompt_embeds, cond.pooled_prompt_embeds, prompts=prompts)
+    assert shared[0] == shared[1] and shared[2] == shared[3]
+    cond_same = encode_prompts(pipe, ["a red circle"] * 4, guidance_scale=1.0, max_sequence_length=16)
+    redrawn = reward(latents, cond_same.prompt_embeds, cond_same.pooled_prompt_embeds, prompts=["p", "p", "q", "q"])
+    assert redrawn[0] == redrawn[1] and redrawn[1] != redrawn[2]  # same inputs, another draw for "q"
+    independent = reward(latents, cond.prompt_embeds, cond.pooled_prompt_embeds)
+    assert independent[0] != independent[1]

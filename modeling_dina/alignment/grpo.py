@@ -103,4 +103,10 @@ def grpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
             stats["ratio_mean"] += ratio.mean().item() / count
             stats["clip_fraction"] += ((ratio - 1).abs() > config.clip_range).float().mean().item() / count
         stats["grad_norm"] += ctx.optimizer_step() / config.inner_epochs
-    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(), **stats}
+    varied = (rewards.view(-1, group).std(dim=1) > 0).float().mean().item()  # groups that carry a signal
+    return {
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std(unbiased=False).item(),
+        "groups_varied": varied,
+        **stats,
+    }

@@ -39,10 +39,18 @@ class DiNaLatentReward:
         prompt_embeds: torch.Tensor,
         pooled_prompt_embeds: torch.Tensor,
         noise: torch.Tensor | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """Raw rewards `(B,)` in float32; `noise` (shaped like `latents`) replaces the draw."""
+        """Raw rewards `(B,)` in float32; `noise` (shaped like `latents`) replaces the draw. With `prompts`, the
+        samples of one prompt share one draw (common random numbers, SPEC §1): within a group of samples of a prompt
+        (GRPO, RAFT, DPO) reward differences then come from the images, not from the scoring noise."""
         if noise is None:
-            noise = torch.randn(latents.shape, generator=self.generator)
+            if prompts is None:
+                noise = torch.randn(latents.shape, generator=self.generator)
+            else:
+                distinct = list(dict.fromkeys(prompts))
+                draws = torch.randn((len(distinct), *latents.shape[1:]), generator=self.generator)
+                noise = draws[torch.tensor([distinct.index(p) for p in prompts])]
         out = self.model.score_clean(latents, prompt_embeds, pooled_prompt_embeds, noise=noise, **self.levels)
         return out.rewards
 
