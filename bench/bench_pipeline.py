@@ -69,8 +69,14 @@ def build_model(name: str, device: torch.device | str, dtype: torch.dtype, seed:
                 if param.requires_grad:
                     param.add_(0.1 * torch.randn(param.shape, generator=generator))
         return model.to(device=device, dtype=dtype).eval()
+    return random_model(DiNaConfig(), device, dtype, seed)
+
+
+def random_model(config: DiNaConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> DiNaRewardModel:
+    """An SD3-family DiNa model of `config`'s architecture with random weights (N(0, 0.02) matrices, unit norm
+    scales, zero biases), allocated straight on `device` in `dtype`."""
     with torch.device("meta"):
-        model = DiNaRewardModel(DiNaConfig())
+        model = DiNaRewardModel(config)
     # Allocate straight in the target dtype: an fp32 copy of 1.4B parameters first would double the peak.
     model = model.to(dtype).to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -66,6 +66,7 @@ class DiNaBackbone(nn.Module):
     latent_channels: int
     patch_size: int
     max_patches: int | None = None
+    blocks_name = "transformer_blocks"  # the attribute holding the kept blocks (an `nn.ModuleList`)
     gradient_checkpointing = False
     shared_with_base = False  # True when the modules are a generator's own (see `from_transformer`)
 
@@ -148,7 +149,6 @@ class TransformerSliceBackbone(DiNaBackbone):
     a config the transformer is instantiated on the `meta` device and the rest of it dropped)."""
 
     kept_modules: tuple[str, ...]
-    blocks_name = "transformer_blocks"
 
     def __init__(
         self,

@@ -122,6 +122,14 @@ class DiNaRewardModel(DiNaLoadingMixin, PreTrainedModel):
             elif not fused and layer.merged:
                 layer.unmerge()
 
+    def compile_regions(self, **compile_kwargs) -> None:
+        """`torch.compile` each kept block and the reward head, in place (`nn.Module.compile`: parameter names and
+        saving are unchanged). Regional compilation: the blocks are alike, so they share one compiled graph and the
+        compile time is about one block's, not the backbone's. `compile_kwargs` go to `torch.compile`."""
+        for block in getattr(self.backbone, self.backbone.blocks_name):
+            block.compile(**compile_kwargs)
+        self.reward_head.compile(**compile_kwargs)
+
     def _init_weights(self, module):
         # Every submodule initialises itself (SPEC §3 zero-inits included); base weights come from the base.
         pass

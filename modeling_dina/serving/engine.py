@@ -44,7 +44,7 @@ class RewardEngine:
         model: a DiNa model folder or Hub id (`DiNaRewardPipeline.from_pretrained`).
         device, dtype: where and in which precision the reward model runs (the VAE stays fp32).
         fuse: fold the reward LoRA into the weights (the model only scores here).
-        compile: `torch.compile` the backbone and the head.
+        compile: `torch.compile` the kept blocks and the head (`DiNaRewardModel.compile_regions`).
         random_noise: a fresh noise draw per request without `seeds` (instead of the deterministic default).
         prompt_cache_size: prompts whose embeddings are kept (least recently used are dropped).
     """
@@ -85,8 +85,7 @@ class RewardEngine:
             if self.fuse and model.config.use_lora:
                 model.fuse_reward_lora()
             if self.compile:
-                model.backbone.compile()
-                model.reward_head.compile()
+                model.compile_regions()
             self.pipe, self.spec = pipe, ModelSpec.from_model(model)
             self._warm_up()
         except BaseException as err:
@@ -170,16 +169,21 @@ class RewardEngine:
     # ------------------------------------------------------------------------------------------------ scoring
 
     def score_group(self, items: list[ScoreItem]) -> list[float]:
-        """Raw rewards of items of one group (see `ScoreItem.group`), in one pipeline call."""
-        out = self.pipe(
-            latents=torch.stack([item.latent for item in items]),
-            prompt_embeds=torch.stack([item.prompt_embeds for item in items]),
-            pooled_prompt_embeds=torch.stack([item.pooled for item in items]),
-            noise=torch.stack([item.noise for item in items]),
-            noise_level=items[0].noise_level,
-            batch_size=len(items),
-        )
-        return out.rewards.float().cpu().tolist()
+        """Raw rewards of items of one group (see `ScoreItem.group`), in one call of the model's scoring function."""
+        device = self.pipe._execution_device
+
+        def stacked(name: str) -> torch.Tensor:
+            return torch.stack([getattr(item, name) for item in items]).to(device)
+
+        with torch.no_grad():
+            out = self.pipe.reward_model.score_clean(
+                stacked("latent"),
+                stacked("prompt_embeds"),
+                stacked("pooled"),
+                noise=stacked("noise"),
+                noise_level=items[0].noise_level,
+            )
+        return out.rewards.cpu().tolist()
 
     def score_items(self, items: list[ScoreItem], max_batch_size: int) -> list[float | BaseException]:
         """Score any items: grouped (`ScoreItem.group`), at most `max_batch_size` per call. When a call fails, its
