@@ -19,7 +19,7 @@ so the table also shows how far their rewards differ (fp round-off, and our fp32
 Our path is `DiNaRewardModel.score_clean` with the LoRA fused (`fuse_reward_lora`), eager and (unless `--no-compile`)
 after `compile_regions` (each block and the head through `torch.compile`; compile time is not timed). The three paths
 run in interleaved rounds, one call per case each (round 0 warms up and compiles); the best round counts (other
-processes on a shared machine only ever add time). Expect about 25 minutes for the full measurement on a 2-core CPU.
+processes on a shared machine only ever add time).
 """
 
 from __future__ import annotations

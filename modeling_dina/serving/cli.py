@@ -21,7 +21,7 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted")
     p.add_argument("--prompt-cache-size", type=int, default=1024, help="prompts whose embeddings are cached")
     p.add_argument("--no-fuse", action="store_true", help="keep the reward LoRA unfused")
-    p.add_argument("--compile", action="store_true", help="torch.compile the backbone and the head")
+    p.add_argument("--compile", action="store_true", help="torch.compile each kept block and the head")
     p.add_argument("--replicas", type=int, default=0, help="run N Ray Serve replicas (needs `dina-lrm[serve]`)")
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray cluster started here")
     p.add_argument("--log-level", default="info")
