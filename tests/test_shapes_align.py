@@ -8,7 +8,7 @@ import pytest
 
 from modeling_dina.cli import main as dina_main
 from modeling_dina.shapes.align import checker_reward, parse_overrides, run_shapes_alignment, wilson_interval
-from modeling_dina.shapes.align_report import summarise_run, write_alignment_report
+from modeling_dina.shapes.align_report import check_run, summarise_run, write_alignment_report
 from modeling_dina.shapes.data import split_prompts
 from modeling_dina.shapes.demo import aligned_lora
 from modeling_dina.shapes.generator import load_generator
@@ -143,4 +143,19 @@ def test_shapes_refl_recipe_run(tmp_path):
     assert "| refl |" in text and "the command" in text and (tmp_path / "docs" / "alignment_vs_flops.png").is_file()
     summary = summarise_run(tmp_path / "refl")
     assert [p["step"] for p in summary["curve"]] == [0, 1, 2, 3] and summary["reward_gflop_per_step"] > 0
+    assert summary["check"] is None and "not run" in text
+    check = check_run(tmp_path / "refl", num_samples=4)  # the base and the final LoRA on fresh held-out draws
+    assert check["draws"] == 4 and all(0 <= check[k]["compliance"] <= 1 for k in ("base", "aligned"))
+    text = write_alignment_report(tmp_path, tmp_path / "docs", "the command").read_text()
+    assert "not run" not in text and summarise_run(tmp_path / "refl")["check"] == check
     assert summary["curve"][-1]["reward_gflop"] == pytest.approx(3 * summary["reward_gflop_per_step"])
+
+
+def test_shapes_refl_with_reward_refresh(tmp_path):
+    """`--refresh-every`: the DiNa reward is refitted on checker-labelled policy samples during the run (logged), and
+    only DiNa rewards can be refreshed."""
+    records, _ = run(tmp_path, "fresh", "dina", steps=2, reward_step=[1, 2], refresh_every=2)
+    assert "refresh/pairs" not in records[1] and records[2]["refresh/pairs"] > 0
+    assert records[2]["refresh/loss"] > 0
+    with pytest.raises(ValueError, match="refresh"):
+        run(tmp_path, "fresh-checker", "checker", method="grpo", refresh_every=2)
