@@ -54,11 +54,7 @@ REFL_RECIPE = dict(
 RANKED = dict(batch_size=8, num_inference_steps=10, eval_every=25)
 # name -> (reward, run_shapes_alignment keywords, what the run is). Every run starts from the shipped generator.
 HEADLINE_RUNS: dict[str, tuple[str, dict, str]] = {
-    "grpo-checker": (
-        "checker",
-        {**GRPO, "steps": 150, "sde_steps": 1, "learning_rate": 2e-3},
-        "GRPO, exact checker as the reward (tests the loop); groups share their start, SDE on the first step",
-    ),
+    "grpo-checker": ("checker", GRPO, "GRPO as grpo-dina, the exact checker as the reward (tests the loop)"),
     "grpo-dina": ("dina", GRPO, "GRPO, DiNa-LRM u = 0.4; groups share their start and scoring noise, SDE on 2 steps"),
     "dpo-checker": (
         "checker",
