@@ -69,6 +69,22 @@ def test_from_pipe_shares_the_generator_without_copies(family):
         assert pipe.components[name] is getattr(generator, name)
 
 
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_from_pretrained_loads_the_family_base(family, tmp_path):
+    generator = build_tiny_pipeline(family, " ".join(PROMPTS).split())
+    generator.save_pretrained(tmp_path / "base")
+    torch.manual_seed(0)
+    model = DiNaRewardModel.from_base(str(tmp_path / "base"), **TINY_FAMILY_DINA).eval()
+    model.save_pretrained(tmp_path / "dina")
+    loaded = DiNaRewardPipeline.from_pretrained(str(tmp_path / "dina"))
+    for name in type(model.backbone).text_components:
+        assert type(loaded.components[name]) is type(getattr(generator, name))
+    assert loaded.text_encoder_3 is None and type(loaded.vae) is type(generator.vae)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = DiNaRewardPipeline.from_pipe(generator, reward_model=model)(PROMPTS, images=images).rewards
+    torch.testing.assert_close(loaded(PROMPTS, images=images).rewards, expected)
+
+
 def test_from_pipe_refuses_a_generator_of_another_family():
     _, flux = reward_pipe("flux")
     generator = build_tiny_pipeline("zimage", PROMPTS)

@@ -131,7 +131,9 @@ def cache_preference_dataset(
     `CachedPreferenceDataset`; finished shards of an earlier, interrupted run are kept.
 
     Args:
-        base_or_pipeline: the base pipeline's folder or Hub id, or a loaded `StableDiffusion3Pipeline`.
+        base_or_pipeline: the base pipeline's folder or Hub id, or a loaded pipeline of its family
+            (`StableDiffusion3Pipeline`, `FluxPipeline`, `QwenImagePipeline`, `ZImagePipeline`; the transformer is
+            read for the geometry only).
         batch_size: images (and prompts) per encoder call.
         max_sequence_length: T5 tokens of the prompt encoding (the release trained with 128).
         resolution: side of the square of the buckets' area in pixels (default: the base's native size).
