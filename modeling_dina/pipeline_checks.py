@@ -118,7 +118,7 @@ class DiNaPipelineChecksMixin:
         if pooled_prompt_embeds is not None:
             arguments.append(("pooled_prompt_embeds", pooled_prompt_embeds, 2, pooled_width))
         if prompt_embeds_mask is not None:
-            arguments.append(("prompt_embeds_mask", prompt_embeds_mask, 2, prompt_embeds.shape[1]))
+            arguments.append(("prompt_embeds_mask", prompt_embeds_mask, 2, None))
         for arg, value, ndim, width in arguments:
             if not isinstance(value, torch.Tensor) or value.ndim != ndim:
                 raise ValueError(f"`{arg}` must be a {ndim}-D tensor.")
@@ -126,8 +126,16 @@ class DiNaPipelineChecksMixin:
                 raise ValueError(f"`{arg}` has {value.shape[0]} rows for {num} items: give one, or one per item.")
             if width is not None and value.shape[-1] != width:
                 raise ValueError(f"`{arg}` has width {value.shape[-1]}; the reward model expects {width}.")
-        if prompt_embeds_mask is not None and prompt_embeds_mask.is_floating_point():
-            raise ValueError("`prompt_embeds_mask` must be bool or integer (1 for real tokens), not floating point.")
+        if prompt_embeds_mask is not None:
+            if prompt_embeds_mask.is_floating_point():
+                raise ValueError(
+                    "`prompt_embeds_mask` must be bool or integer (1 for real tokens), not floating point."
+                )
+            if prompt_embeds_mask.shape[1] != prompt_embeds.shape[1]:
+                raise ValueError(
+                    f"`prompt_embeds_mask` covers {prompt_embeds_mask.shape[1]} tokens; `prompt_embeds` have "
+                    f"{prompt_embeds.shape[1]}."
+                )
         max_length = self.reward_model.config.max_sequence_length
         expected = family.prompt_length(self.components, max_length)
         if expected is not None and prompt_embeds.shape[1] != expected:

@@ -191,6 +191,12 @@ def test_family_prompt_inputs_are_checked():
         qwen(prompt_embeds=torch.randn(1, 16, 24), latents=latents)
     with pytest.raises(ValueError, match=r"missing \['text_encoder', 'tokenizer'\]"):
         qwen(prompt="a red cat", latents=latents)
+    with pytest.raises(ValueError, match="`prompt_embeds_mask` covers 12 tokens; `prompt_embeds` have 16"):
+        qwen(
+            prompt_embeds=torch.randn(1, 16, 32),
+            prompt_embeds_mask=torch.ones(1, 12, dtype=torch.bool),
+            latents=latents,
+        )
     with pytest.raises(ValueError, match="`prompt_embeds_mask` must be bool or integer"):
         qwen(prompt_embeds=torch.randn(1, 16, 32), prompt_embeds_mask=torch.ones(1, 16), latents=latents)
 
