@@ -25,7 +25,6 @@ CONFIGS = {
     "qwenimage": "hub_configs/dina-qwenimage-20layers",
 }
 TEXT_TOKENS = {"sd3": 77 + 128, "flux": 128, "zimage": 128, "qwenimage": 128}  # at max_sequence_length 128
-TEXT_WIDTH = {"sd3": "joint_attention_dim", "flux": "joint_attention_dim", "qwenimage": "joint_attention_dim"}
 
 
 def random_model(config: DiNaConfig, **overrides) -> DiNaRewardModel:
@@ -46,9 +45,9 @@ def inputs(config: DiNaConfig, family: str, size: int):
     cls, cfg = backbone_class(family), config.backbone_config
     channels = cfg["in_channels"] // 4 if family in ("flux", "qwenimage") else cfg["in_channels"]
     latents = torch.randn(1, channels, size // 8, size // 8)
-    width = cfg["cap_feat_dim"] if family == "zimage" else cfg[TEXT_WIDTH[family]]
+    width, pooled_width = cls.prompt_widths(cfg)
     embeds = torch.randn(1, TEXT_TOKENS[family], width)
-    pooled = torch.randn(1, cfg["pooled_projection_dim"]) if cls.uses_pooled else None
+    pooled = torch.randn(1, pooled_width) if cls.uses_pooled else None
     mask = torch.ones(1, TEXT_TOKENS[family], dtype=torch.bool) if cls.uses_text_mask else None
     return latents, embeds, pooled, mask
 

@@ -81,7 +81,7 @@ class EncodingCollator:
         from modeling_dina.training.caching import encode_images, encode_prompts, image_to_pixels
 
         n = len(rows)
-        embeds, pooled = encode_prompts(
+        encoded = encode_prompts(
             self.pipe, [r["prompt"] for r in rows], max_sequence_length=self.max_sequence_length, batch_size=n
         )
         latents = {
@@ -93,8 +93,8 @@ class EncodingCollator:
         return {
             "chosen_latents": latents["chosen"],
             "rejected_latents": latents["rejected"],
-            "prompt_embeds": embeds,
-            "pooled_prompt_embeds": pooled,
+            "prompt_embeds": encoded.embeds,
+            "pooled_prompt_embeds": encoded.pooled,
             "labels": torch.tensor([float(r["label"]) for r in rows]),
         }
 

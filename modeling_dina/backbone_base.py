@@ -60,6 +60,7 @@ class DiNaBackbone(nn.Module):
     uses_pooled = True  # a pooled prompt vector enters the time embedding
     uses_text_mask = False  # padded prompt tokens are masked out of attention
     video_vae = False  # the VAE reads and writes (B, C, frames, H, W)
+    packed_latents = False  # the family's pipeline returns `output_type="latent"` latents packed 2x2
     last_block_drops_text = False  # the base's very last block emits no text stream (SD3's context_pre_only)
     token_dim: int
     temb_dim: int
@@ -98,6 +99,51 @@ class DiNaBackbone(nn.Module):
         others = {name: None for name in ("transformer", "vae", "scheduler")}
         return pipeline_cls(**others, **{name: components[name] for name in cls.text_components})
 
+    @classmethod
+    def prompt_widths(cls, backbone_config: dict) -> tuple[int | None, int | None]:
+        """Widths of the prompt embeddings and of the pooled vector the base reads (`None`: none, or not known)."""
+        pooled = backbone_config.get("pooled_projection_dim") if cls.uses_pooled else None
+        return backbone_config.get("joint_attention_dim"), pooled
+
+    @classmethod
+    def prompt_length(cls, components: Mapping, max_sequence_length: int) -> int | None:
+        """Tokens of the family's prompt encoding at `max_sequence_length`; `None` where the length does not matter
+        (families that mask padded tokens) or cannot be told from `components`."""
+        return None if cls.uses_text_mask else max_sequence_length
+
+    @staticmethod
+    def vae_scale_factor(vae) -> int:
+        """Pixels per latent cell of the family's VAE, as its pipeline computes it."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def native_side(cls, backbone_config: dict, vae_scale_factor: int) -> int:
+        """The default image side of the family's pipeline (`default_sample_size` 128 latent cells unless the
+        transformer config says `sample_size`)."""
+        return backbone_config.get("sample_size", 128) * vae_scale_factor
+
+    @classmethod
+    def unpack_latents(cls, latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
+        """Latents as the family's pipeline returns them with `output_type="latent"` -> the `(B, C, h, w)` the reward
+        model reads, for images of `height` x `width` pixels (FLUX and Qwen-Image pack them 2x2 into
+        `(B, h/2 * w/2, 4C)`; they are unpacked by the pipeline's own `_unpack_latents`)."""
+        if not cls.packed_latents:
+            if latents.ndim != 4:
+                raise ValueError(f"{cls.pipeline_class} latents are (B, C, h, w), got shape {tuple(latents.shape)}.")
+            return latents
+        if latents.ndim != 3:
+            raise ValueError(
+                f"packed {cls.pipeline_class} latents are (B, tokens, 4C), got shape {tuple(latents.shape)}."
+            )
+        cells = (height // (vae_scale_factor * 2)) * (width // (vae_scale_factor * 2))
+        if cells != latents.shape[1]:
+            raise ValueError(
+                f"{latents.shape[1]} packed tokens do not make a {height}x{width} image ({cells} tokens at "
+                f"vae_scale_factor {vae_scale_factor}): pass the height and width the generator was called with."
+            )
+        unpacked = getattr(diffusers, cls.pipeline_class)._unpack_latents(latents, height, width, vae_scale_factor)
+        return unpacked[:, :, 0] if cls.video_vae else unpacked
+
     @staticmethod
     def latent_normalization(vae_config) -> tuple[torch.Tensor, torch.Tensor]:
         """`(shift, scale)` with normalised latents `(z - shift) * scale` (SD3, FLUX and Z-Image VAEs)."""
@@ -109,7 +155,7 @@ class DiNaBackbone(nn.Module):
         """Pixels `(B, 3, H, W)` in [-1, 1] -> normalised clean latents `(B, C, h, w)` (fp32), as the family's
         pipelines encode images."""
         inputs = pixels.unsqueeze(2) if cls.video_vae else pixels
-        dist = vae.encode(inputs.to(vae.dtype)).latent_dist
+        dist = vae.encode(inputs.to(device=vae.device, dtype=vae.dtype)).latent_dist
         z = dist.sample(generator) if sample_posterior else dist.mean
         z = z[:, :, 0] if cls.video_vae else z
         shift, scale = (t.to(z.device, torch.float32) for t in cls.latent_normalization(vae.config))

@@ -30,6 +30,7 @@ class FluxBackbone(TransformerSliceBackbone):
     default_lora_targets = SD3_LORA_TARGETS
     no_split_modules = ("FluxTransformerBlock",)
     kept_modules = ("pos_embed", "time_text_embed", "context_embedder", "x_embedder")
+    packed_latents = True
 
     def __init__(self, backbone_config: dict, *args, **kwargs):
         super().__init__(backbone_config, *args, **kwargs)

@@ -33,6 +33,7 @@ class QwenImageBackbone(TransformerSliceBackbone):
     uses_pooled = False
     uses_text_mask = True
     video_vae = True
+    packed_latents = True
     max_patches = 8192  # the rotary table: 4096 positions either side of the centre
 
     def __init__(self, backbone_config: dict, *args, **kwargs):
@@ -76,6 +77,10 @@ class QwenImageBackbone(TransformerSliceBackbone):
             )
             self._tap(index, visual, text, hidden_states, encoder_hidden_states)
         return BackboneFeatures(temb=temb, visual=visual, text=text, text_mask=mask)
+
+    @staticmethod
+    def vae_scale_factor(vae) -> int:
+        return 2 ** len(vae.temperal_downsample)  # as `QwenImagePipeline`
 
     @staticmethod
     def latent_normalization(vae_config) -> tuple[torch.Tensor, torch.Tensor]:

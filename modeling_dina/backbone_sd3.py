@@ -123,6 +123,12 @@ class SD3Backbone(DiNaBackbone):
         return BackboneFeatures(temb=temb, visual=visual, text=text)
 
     @classmethod
+    def prompt_length(cls, components: Mapping, max_sequence_length: int) -> int | None:
+        """CLIP tokens (the CLIP tokenizer's length), then the T5 tokens."""
+        tokenizer = components.get("tokenizer")
+        return None if tokenizer is None else tokenizer.model_max_length + max_sequence_length
+
+    @classmethod
     def encode_prompt(cls, components: Mapping, prompts: list[str], *, max_sequence_length: int, device=None):
         """CLIP-L + CLIP-G penultimate states and T5 (SPEC §4), by `StableDiffusion3Pipeline.encode_prompt`."""
         pipe = cls.text_pipeline(components)

@@ -71,6 +71,10 @@ class ZImageBackbone(TransformerSliceBackbone):
     def token_width(cls, backbone_config: dict) -> int:
         return backbone_config["dim"]
 
+    @classmethod
+    def prompt_widths(cls, backbone_config: dict) -> tuple[int | None, None]:
+        return backbone_config.get("cap_feat_dim"), None
+
     def _embed(self, images: list[torch.Tensor], captions: list[torch.Tensor], adaln_input: torch.Tensor):
         """Patchify, embed and refine both parts, then join them: the forward's steps before its main layers."""
         patch, f_patch, device = self.patch_size, self.f_patch_size, images[0].device

@@ -30,6 +30,8 @@ __all__ = [
     "SD3Backbone",
     "ZImageBackbone",
     "backbone_class",
+    "backbone_for_pipeline",
+    "base_backbone_class",
     "backbone_type_for",
     "build_backbone",
     "load_base_weights",
@@ -59,6 +61,30 @@ def backbone_class(backbone_type: str) -> type[DiNaBackbone]:
     if backbone_type not in BACKBONES:
         raise ValueError(f"unknown `backbone_type` {backbone_type!r}; known: {sorted(BACKBONES)}.")
     return BACKBONES[backbone_type]
+
+
+def backbone_for_pipeline(pipeline) -> type[DiNaBackbone]:
+    """The family of a loaded pipeline: a reward pipeline's reward model, a generator's transformer, else the
+    pipeline's own class (a family pipeline loaded without its transformer)."""
+    reward_model = getattr(pipeline, "reward_model", None)
+    if reward_model is not None:
+        return type(reward_model.backbone)
+    transformer = getattr(pipeline, "transformer", None)
+    if transformer is not None:
+        return backbone_class(backbone_type_for(type(transformer)))
+    names = [klass.__name__ for klass in type(pipeline).__mro__]
+    for cls in BACKBONES.values():
+        if cls.pipeline_class in names:
+            return cls
+    known = ", ".join(cls.pipeline_class for cls in BACKBONES.values())
+    raise TypeError(f"no DiNa backbone family follows a {names[0]}; known: {known}.")
+
+
+def base_backbone_class(name_or_path: str, revision: str | None = None) -> type[DiNaBackbone]:
+    """The family of a base pipeline folder or Hub id, from its transformer's config.json."""
+    return backbone_class(
+        backbone_type_for(read_transformer_class(resolve_base_folder(name_or_path, revision=revision)))
+    )
 
 
 def backbone_options(config) -> dict:

@@ -163,15 +163,6 @@ class DiNaImageProcessor(VaeImageProcessor):
         return self.normalize(batch) if self.config.do_normalize else batch
 
 
-def vae_encode(vae, pixels: torch.Tensor, *, sample_posterior: bool = False, generator=None) -> torch.Tensor:
-    """Pixels in [-1, 1] -> clean latents `(z - shift_factor) * scaling_factor` in fp32 (SPEC §4), where `z` is the
-    posterior's mean or, with `sample_posterior`, a sample of it (the release trained on `latent_dist.sample()`)."""
-    posterior = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    z = posterior.sample(generator) if sample_posterior else posterior.mode()
-    shift = vae.config.shift_factor or 0.0
-    return ((z.float() - shift) * vae.config.scaling_factor).float()
-
-
 def as_image_list(images) -> list:
     """One image, a list of them, or a batch (NHWC numpy / NCHW torch) -> a list of single images."""
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
@@ -289,4 +280,4 @@ def _pil_resize(pixels: torch.Tensor, size: tuple[int, int], resample: str) -> t
     return torch.from_numpy(np.stack(channels)).clamp(0, 1).to(pixels.device)
 
 
-__all__ = ["DiNaImageProcessor", "RESIZE_MODES", "as_image_list", "vae_encode"]
+__all__ = ["DiNaImageProcessor", "RESIZE_MODES", "as_image_list"]

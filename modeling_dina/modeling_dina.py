@@ -53,7 +53,7 @@ class DiNaRewardModel(DiNaLoadingMixin, PreTrainedModel):
     main_input_name = "latents"
     base_location: str | None = None  # where `from_pretrained` found the base (a folder or Hub id), if not a module
     supports_gradient_checkpointing = True
-    _no_split_modules = ["JointTransformerBlock", "DiNaRewardHead"]
+    _no_split_modules = ["DiNaRewardHead"]  # each instance adds its backbone family's blocks (`no_split_modules`)
 
     def __init__(self, config: DiNaConfig, backbone: DiNaBackbone | None = None):
         super().__init__(config)

@@ -4,11 +4,14 @@
     out = pipe("a red circle", images=["a.png", "b.png"])
     out.rewards
 
+Families: the reward model's backbone family (SD3, FLUX.1, Qwen-Image, Z-Image) decides the prompt encoding (its base
+pipeline's own `encode_prompt`), the VAE convention and the size geometry; the pipeline code is the same for all.
+
 Image sizes: every image is scored at a size whose sides are multiples of `vae_scale_factor * patch_size` pixels
-(16 for SD3) and at most `pos_embed_max_size * patch_size * vae_scale_factor` pixels (6144 for SD3.5-M, the
-transformer's position table). A larger image is downscaled so its longer side fits (aspect ratio kept); then each side
-is rounded down to the multiple (a bicubic, antialiased resize; sizes already valid are not touched). An image whose
-shorter side ends up below one patch is an error.
+(16 for every family) and at most `max_patches * patch_size * vae_scale_factor` pixels (6144 for SD3.5-M, the
+transformer's position table; FLUX's rotary positions are unbounded). A larger image is downscaled so its longer side
+fits (aspect ratio kept); then each side is rounded down to the multiple (a bicubic, antialiased resize; sizes already
+valid are not touched). An image whose shorter side ends up below one patch is an error.
 
 Noise: one Gaussian draw per (prompt, image size) group, so images of the same prompt and size see the same noise
 (common random numbers, SPEC §1) and score differences reflect the images. Without `generator` or `noise` the draw is
@@ -19,21 +22,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import numbers
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .image_processing_dina import DiNaImageProcessor, as_image_list, vae_encode
+from .backbone_base import PromptEmbeds
+from .image_processing_dina import DiNaImageProcessor, as_image_list
 from .losses import preference_probability, thurstone_variance
 from .modeling_dina import DiNaRewardModel
 from .noise import NoiseGrid
+from .pipeline_checks import DiNaPipelineChecksMixin
 from .pipeline_loading import TEXT_COMPONENTS, DiNaPipelineLoaderMixin
 
 DEFAULT_SEED = 0
@@ -55,41 +58,37 @@ class DiNaRewardPipelineOutput(BaseOutput):
     timesteps: torch.Tensor
 
 
-class DiNaRewardPipeline(DiNaPipelineLoaderMixin, DiffusionPipeline):
+class DiNaRewardPipeline(DiNaPipelineLoaderMixin, DiNaPipelineChecksMixin, DiffusionPipeline):
     r"""
-    Scores (prompt, image) or (prompt, latent) pairs with a [`DiNaRewardModel`]: the SD3 prompt encoding (no
-    classifier-free guidance), the SD3 VAE for images, noise at a snapped level of the base's training grid, then the
-    reward model.
+    Scores (prompt, image) or (prompt, latent) pairs with a [`DiNaRewardModel`]: the prompt encoding of the reward
+    model's base (no classifier-free guidance), the base's VAE for images, noise at a snapped level of the base's
+    training grid, then the reward model.
 
     Args:
         reward_model ([`DiNaRewardModel`]): the reward model.
         scheduler ([`FlowMatchEulerDiscreteScheduler`], *optional*): the base's scheduler, shared and saved with the
             pipeline; a warning tells when its training grid is not the reward model's (where noise levels snap).
-        vae ([`AutoencoderKL`], *optional*): the base's VAE, needed for `images` (kept in fp32 by `from_pretrained`).
-        text_encoder, text_encoder_2 ([`CLIPTextModelWithProjection`], *optional*), text_encoder_3
-            ([`T5EncoderModel`], *optional*) and their tokenizers: the SD3 text encoders, needed for `prompt`.
+        vae (*optional*): the base's VAE (`AutoencoderKL`; `AutoencoderKLQwenImage` for Qwen-Image), needed for
+            `images` (kept in fp32 by `from_pretrained`).
+        text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3, tokenizer_3 (*optional*): the base's
+            text encoders under its pipeline's names, needed for `prompt`: SD3 CLIP-L, CLIP-G, T5; FLUX.1 CLIP-L, T5;
+            Qwen-Image Qwen2.5-VL; Z-Image Qwen3 (the backbone's `text_components` say which).
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->vae->reward_model"
     _optional_components = ["scheduler", "vae", *TEXT_COMPONENTS]
 
-    # SD3's own prompt encoding, borrowed as is: CLIP-L + CLIP-G penultimate states zero-padded to the T5 width, then
-    # the T5 states on the sequence axis; pooled = both CLIPs' projections (SPEC §4).
-    encode_prompt = StableDiffusion3Pipeline.encode_prompt
-    _get_clip_prompt_embeds = StableDiffusion3Pipeline._get_clip_prompt_embeds
-    _get_t5_prompt_embeds = StableDiffusion3Pipeline._get_t5_prompt_embeds
-
     def __init__(
         self,
         reward_model: DiNaRewardModel,
         scheduler: FlowMatchEulerDiscreteScheduler | None = None,
-        vae: AutoencoderKL | None = None,
-        text_encoder: CLIPTextModelWithProjection | None = None,
-        tokenizer: CLIPTokenizer | None = None,
-        text_encoder_2: CLIPTextModelWithProjection | None = None,
-        tokenizer_2: CLIPTokenizer | None = None,
-        text_encoder_3: T5EncoderModel | None = None,
-        tokenizer_3: T5TokenizerFast | None = None,
+        vae: ModelMixin | None = None,
+        text_encoder: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        text_encoder_2: PreTrainedModel | None = None,
+        tokenizer_2: PreTrainedTokenizerBase | None = None,
+        text_encoder_3: PreTrainedModel | None = None,
+        tokenizer_3: PreTrainedTokenizerBase | None = None,
     ):
         super().__init__()
         if not isinstance(reward_model, DiNaRewardModel):
@@ -105,7 +104,8 @@ class DiNaRewardPipeline(DiNaPipelineLoaderMixin, DiffusionPipeline):
             text_encoder_3=text_encoder_3,
             tokenizer_3=tokenizer_3,
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        family = type(reward_model.backbone)
+        self.vae_scale_factor = family.vae_scale_factor(vae) if vae is not None else 8
         self.image_processor = DiNaImageProcessor.from_backbone(reward_model.backbone, self.vae_scale_factor)
         self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else 77
         if scheduler is not None:
@@ -126,131 +126,48 @@ class DiNaRewardPipeline(DiNaPipelineLoaderMixin, DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------------- scoring
 
-    def check_inputs(self, prompt, images, latents, prompt_embeds, pooled_prompt_embeds, noise, generator, batch_size):
-        """Validate the arguments of `__call__`; returns the number of items to score."""
-        if (images is None) == (latents is None):
-            raise ValueError("pass exactly one of `images` and `latents`.")
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass exactly one of `prompt` and `prompt_embeds`.")
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError("`pooled_prompt_embeds` is required with `prompt_embeds`.")
-        if prompt_embeds is None and pooled_prompt_embeds is not None:
-            raise ValueError("`pooled_prompt_embeds` is given without `prompt_embeds`.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"`generator` must be one torch.Generator, got {type(generator).__name__}.")
-        num = len(images) if images is not None else self._check_latents(latents)
-        if num == 0:
-            raise ValueError("`images` is empty: nothing to score.")
-        if prompt is not None:
-            if isinstance(prompt, str):
-                pass
-            elif not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
-                raise TypeError("`prompt` must be a string or a list of strings.")
-            elif len(prompt) != num:
-                raise ValueError(f"`prompt` has {len(prompt)} prompts for {num} items: give one, or one per item.")
-            if any(self.components[name] is None for name in TEXT_COMPONENTS):
-                missing = [name for name in TEXT_COMPONENTS if self.components[name] is None]
-                raise ValueError(f"`prompt` needs the text encoders and tokenizers; missing {missing}.")
-        else:
-            self._check_embeds(prompt_embeds, pooled_prompt_embeds, num)
-        if images is not None and self.vae is None:
-            raise ValueError("`images` needs a `vae`; this pipeline has none (score `latents` instead).")
-        if noise is not None:
-            if not isinstance(noise, torch.Tensor) or noise.ndim != 4 or noise.shape[0] != num:
-                raise ValueError(f"`noise` must be a (B, C, H, W) tensor with B = {num}, one draw per item.")
-            if latents is not None and noise.shape != latents.shape:
-                raise ValueError(f"`noise` has shape {tuple(noise.shape)}, `latents` {tuple(latents.shape)}.")
-            if not torch.isfinite(noise).all():
-                raise ValueError("`noise` contains NaN or infinite values.")
-        return num
+    def encode_prompt(self, *args, **kwargs):
+        """The base pipeline's own `encode_prompt` (`StableDiffusion3Pipeline`, `FluxPipeline`, `QwenImagePipeline` or
+        `ZImagePipeline`, by the reward model's family) on this pipeline's text encoders: same arguments, same outputs.
+        [`encode_prompts`] gives the encoding in the form the reward model reads."""
+        return self.backbone_family.text_pipeline(self.components).encode_prompt(*args, **kwargs)
 
-    def _check_latents(self, latents) -> int:
-        backbone = self.reward_model.backbone
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
-            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"`latents` must be a (B, C, H, W) tensor of clean VAE latents, got {shape}.")
-        if latents.shape[1] != backbone.latent_channels:
-            raise ValueError(
-                f"`latents` have {latents.shape[1]} channels; the reward model reads {backbone.latent_channels}."
-            )
-        patch, max_side = backbone.patch_size, backbone.max_patches * backbone.patch_size
-        height, width = latents.shape[-2:]
-        if height % patch or width % patch or max(height, width) > max_side or min(height, width) < patch:
-            raise ValueError(
-                f"`latents` are {height}x{width}; sides must be multiples of the patch size {patch} in [{patch}, "
-                f"{max_side}] (the transformer's position table)."
-            )
-        if not latents.is_floating_point() or not torch.isfinite(latents).all():
-            raise ValueError("`latents` must be finite floating-point values (found NaN, inf or integers).")
-        return latents.shape[0]
+    def encode_prompts(self, prompts: list[str], device: torch.device | None = None) -> PromptEmbeds:
+        """Prompts -> `PromptEmbeds(embeds, pooled, mask)` as the reward model reads them: the family's encoding (no
+        classifier-free guidance) at the reward's `max_sequence_length`; `pooled` for SD3 and FLUX, `mask` (real
+        tokens, padded to `max_sequence_length`) for Qwen-Image and Z-Image, else `None`."""
+        return self.backbone_family.encode_prompt(
+            self.components,
+            list(prompts),
+            max_sequence_length=self.reward_model.config.max_sequence_length,
+            device=device if device is not None else self._execution_device,
+        )
 
-    def _check_embeds(self, prompt_embeds, pooled_prompt_embeds, num: int) -> None:
-        backbone_config = self.reward_model.config.backbone_config or {}
-        for arg, value, ndim, width in (
-            ("prompt_embeds", prompt_embeds, 3, backbone_config.get("joint_attention_dim")),
-            ("pooled_prompt_embeds", pooled_prompt_embeds, 2, backbone_config.get("pooled_projection_dim")),
-        ):
-            if not isinstance(value, torch.Tensor) or value.ndim != ndim:
-                raise ValueError(f"`{arg}` must be a {ndim}-D tensor.")
-            if value.shape[0] not in (1, num):
-                raise ValueError(f"`{arg}` has {value.shape[0]} rows for {num} items: give one, or one per item.")
-            if width is not None and value.shape[-1] != width:
-                raise ValueError(f"`{arg}` has width {value.shape[-1]}; the reward model expects {width}.")
-        if self.tokenizer is None:  # the CLIP length is unknown without it
-            return
-        expected = self.tokenizer_max_length + self.reward_model.config.max_sequence_length  # CLIP, then T5 tokens
-        if prompt_embeds.shape[1] != expected:
-            warnings.warn(
-                f"`prompt_embeds` have {prompt_embeds.shape[1]} tokens; the reward model was trained with {expected} "
-                f"(T5 `max_sequence_length={self.reward_model.config.max_sequence_length}`).",
-                stacklevel=4,
-            )
-
-    def _noise_levels(self, noise_level, noise_levels, images_given: bool) -> tuple[list[float], bool]:
-        """The requested levels and whether they form an ensemble; each one checked, naming its argument."""
-        if noise_level is not None and noise_levels is not None:
-            raise ValueError("pass at most one of `noise_level` and `noise_levels`.")
-        if noise_levels is not None:
-            levels = noise_levels.tolist() if isinstance(noise_levels, (torch.Tensor, np.ndarray)) else noise_levels
-            if not isinstance(levels, (list, tuple)):
-                raise TypeError(f"`noise_levels` must be a list of floats, got {type(noise_levels).__name__}.")
-            if not levels:
-                raise ValueError("`noise_levels` is empty: give at least one noise level for the ensemble.")
-            arg, ensemble = "noise_levels", True
-        else:
-            config = self.reward_model.config
-            default = config.noise_level_images if images_given else config.noise_level_latents
-            levels, arg, ensemble = [default if noise_level is None else noise_level], "noise_level", False
-        for level in levels:
-            if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0.0 <= level <= 1.0:
-                raise ValueError(f"`{arg}` must lie in [0, 1], got {level!r}.")
-        return [float(level) for level in levels], ensemble
-
-    def _prompt_groups(self, prompt, prompt_embeds, pooled_prompt_embeds, num, device):
-        """Embeddings once per distinct prompt: `(embeds, pooled, group of each item, key of each group)`."""
+    def _prompt_groups(self, prompt, prompt_embeds, pooled_prompt_embeds, prompt_embeds_mask, num, device):
+        """Embeddings once per distinct prompt: `(PromptEmbeds, group of each item, key of each group)`."""
         if prompt is not None:
             prompts = [prompt] * num if isinstance(prompt, str) else list(prompt)
             keys = list(dict.fromkeys(prompts))
             index = {p: i for i, p in enumerate(keys)}
             with torch.no_grad():  # the text encoders are frozen: no graph even in differentiable mode
-                embeds, _, pooled, _ = self.encode_prompt(
-                    keys,
-                    None,
-                    None,
-                    device=device,
-                    do_classifier_free_guidance=False,
-                    max_sequence_length=self.reward_model.config.max_sequence_length,
-                )
-            return embeds, pooled, [index[p] for p in prompts], keys
-        embeds = prompt_embeds.to(device).expand(num, -1, -1)
-        pooled = pooled_prompt_embeds.to(device).expand(num, -1)
-        # Items with equal pooled embeddings share a prompt (and so a noise draw); groups numbered by first appearance.
-        _, inverse = torch.unique(pooled.detach().float(), dim=0, return_inverse=True)
+                encoded = self.encode_prompts(keys, device)
+            return encoded, [index[p] for p in prompts], keys
+        encoded = PromptEmbeds(
+            embeds=prompt_embeds.to(device).expand(num, -1, -1),
+            pooled=None if pooled_prompt_embeds is None else pooled_prompt_embeds.to(device).expand(num, -1),
+            mask=None if prompt_embeds_mask is None else prompt_embeds_mask.to(device).bool().expand(num, -1),
+        )
+        # Items with equal embeddings share a prompt (and so a noise draw); groups numbered by first appearance. The
+        # pooled vector tells prompts apart where there is one; else the real tokens' states.
+        if encoded.pooled is not None:
+            identity = encoded.pooled
+        else:
+            mask = encoded.mask if encoded.mask is not None else torch.ones_like(encoded.embeds[..., 0], dtype=bool)
+            identity = (encoded.embeds * mask[..., None]).flatten(1)
+        _, inverse = torch.unique(identity.detach().float(), dim=0, return_inverse=True)
         first = {}
         groups = [first.setdefault(g, len(first)) for g in inverse.tolist()]
-        return embeds, pooled, groups, [f"<prompt_embeds {g}>" for g in range(len(first))]
+        return encoded, groups, [f"<prompt_embeds {g}>" for g in range(len(first))]
 
     def _size_groups(self, images) -> dict[tuple[int, int], list[int]]:
         """Image indices grouped by the size they are scored at (see the module docstring), in order of appearance."""
@@ -260,20 +177,6 @@ class DiNaRewardPipeline(DiNaPipelineLoaderMixin, DiffusionPipeline):
             size = processor.scoring_size(*processor.size_of(image, f"images[{i}]"), f"images[{i}]")
             groups.setdefault(size, []).append(i)
         return groups
-
-    def _check_image_noise(self, noise, size_groups) -> None:
-        if noise is None:
-            return
-        if len(size_groups) > 1:
-            raise ValueError("`noise` needs all images scored at one size; these are grouped into several.")
-        height, width = next(iter(size_groups))
-        shape = (
-            self.reward_model.backbone.latent_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
-        )
-        if tuple(noise.shape[1:]) != shape:
-            raise ValueError(f"`noise` has shape {tuple(noise.shape[1:])} per item; the images' latents are {shape}.")
 
     def encode_images(
         self,
@@ -290,18 +193,32 @@ class DiNaRewardPipeline(DiNaPipelineLoaderMixin, DiffusionPipeline):
         if self.vae is None:
             raise ValueError("`encode_images` needs a `vae`; this pipeline has none.")
         pixels = self.image_processor.preprocess_images(images, size)
-        return vae_encode(self.vae, pixels, sample_posterior=sample_posterior, generator=generator)
+        return self.backbone_family.encode_pixels(self.vae, pixels, sample_posterior, generator)
 
-    def default_noise(self, latents: torch.Tensor, prompt=None, pooled_prompt_embeds=None) -> torch.Tensor:
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Latents as the base's pipeline returns them with `output_type="latent"` for `height` x `width` images ->
+        the `(B, C, h, w)` clean latents `__call__` reads. FLUX.1 and Qwen-Image return them packed 2x2
+        (`(B, h/2 * w/2, 4C)`); SD3 and Z-Image latents are returned unchanged."""
+        return self.backbone_family.unpack_latents(latents, height, width, self.vae_scale_factor)
+
+    def default_noise(
+        self, latents: torch.Tensor, prompt=None, pooled_prompt_embeds=None, prompt_embeds=None, prompt_embeds_mask=None
+    ) -> torch.Tensor:
         """The noise `__call__` draws for clean `latents` `(B, C, H, W)` given neither `noise` nor `generator`: one
-        seeded draw per (prompt, size) group, prompts given as text (`prompt`) or by their `pooled_prompt_embeds`.
-        Passing it as `noise=` scores a batch exactly as its items would be scored alone."""
+        seeded draw per (prompt, size) group, prompts given as text (`prompt`) or by their embeddings as `__call__`
+        takes them (`pooled_prompt_embeds` suffices where the family has one; else `prompt_embeds`, with
+        `prompt_embeds_mask` when given to `__call__`). Passing it as `noise=` scores a batch exactly as its items
+        would be scored alone."""
         num, shape = latents.shape[0], tuple(latents.shape[1:])
         if prompt is not None:
             keys = [prompt] * num if isinstance(prompt, str) else list(prompt)
         else:
-            pooled = pooled_prompt_embeds.expand(num, -1)
-            _, _, groups, group_keys = self._prompt_groups(None, pooled[:, None], pooled, num, latents.device)
+            if pooled_prompt_embeds is None and prompt_embeds is None:
+                raise ValueError("`default_noise` needs `prompt`, `pooled_prompt_embeds` or `prompt_embeds`.")
+            embeds = prompt_embeds if prompt_embeds is not None else pooled_prompt_embeds[:, None]
+            _, groups, group_keys = self._prompt_groups(
+                None, embeds, pooled_prompt_embeds, prompt_embeds_mask, num, latents.device
+            )
             keys = [group_keys[g] for g in groups]
         return torch.cat([self._noise(key, shape, None, latents.device) for key in keys])
 
@@ -320,6 +237,7 @@ class DiNaRewardPipeline(DiNaPipelineLoaderMixin, DiffusionPipeline):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_mask: torch.Tensor | None = None,
         noise_level: float | None = None,
         noise_levels: list[float] | None = None,
         noise: torch.Tensor | None = None,
@@ -338,10 +256,14 @@ class DiNaRewardPipeline(DiNaPipelineLoaderMixin, DiffusionPipeline):
                 torch `(C, H, W)` tensors (float in [0, 1] or uint8); or one such image; or a batch as a numpy
                 `(N, H, W, C)` array / torch `(N, C, H, W)` tensor. RGBA (composited on white), grayscale, palette and
                 16-bit images are converted. Mixed sizes are fine (see the module docstring for the resize policy).
-            latents (`torch.Tensor` of shape `(B, C, H, W)`): clean VAE latents, already shifted and scaled (as
-                `StableDiffusion3Pipeline(output_type="latent")` returns them).
-            prompt_embeds (`torch.Tensor` of shape `(B or 1, L, D)`), pooled_prompt_embeds (`(B or 1, D_pooled)`):
-                the SD3 prompt encoding, instead of `prompt` (encode with the reward's `max_sequence_length`).
+            latents (`torch.Tensor` of shape `(B, C, H, W)`): clean VAE latents, already normalised as the base's
+                pipeline normalises them (as `StableDiffusion3Pipeline` and `ZImagePipeline` return them with
+                `output_type="latent"`; `FluxPipeline` and `QwenImagePipeline` return them packed: unpack them first
+                with [`unpack_latents`]).
+            prompt_embeds (`torch.Tensor` of shape `(B or 1, L, D)`), pooled_prompt_embeds (`(B or 1, D_pooled)`),
+                prompt_embeds_mask (`(B or 1, L)`, true for real tokens): the family's prompt encoding, instead of
+                `prompt`, as [`encode_prompts`] gives it (pooled for SD3 and FLUX only; the mask for Qwen-Image and
+                Z-Image, where `None` means every token is real). Encode with the reward's `max_sequence_length`.
             noise_level (`float`): the level in [0, 1], snapped to the training grid. Defaults to
                 `config.noise_level_images` for images and `config.noise_level_latents` for latents.
             noise_levels (`list[float]`): run the noise ensemble of SPEC §3 over these levels instead.
@@ -359,7 +281,15 @@ class DiNaRewardPipeline(DiNaPipelineLoaderMixin, DiffusionPipeline):
         if images is not None:
             images = as_image_list(images)
         num = self.check_inputs(
-            prompt, images, latents, prompt_embeds, pooled_prompt_embeds, noise, generator, batch_size
+            prompt,
+            images,
+            latents,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            noise,
+            generator,
+            batch_size,
+            prompt_embeds_mask,
         )
         if images is not None:
             size_groups = self._size_groups(images)
@@ -375,8 +305,8 @@ class DiNaRewardPipeline(DiNaPipelineLoaderMixin, DiffusionPipeline):
 
         with contextlib.nullcontext() if differentiable else torch.no_grad():
             # 2. Encode the prompt, once per distinct prompt
-            embeds, pooled, prompt_group, group_keys = self._prompt_groups(
-                prompt, prompt_embeds, pooled_prompt_embeds, num, device
+            encoded, prompt_group, group_keys = self._prompt_groups(
+                prompt, prompt_embeds, pooled_prompt_embeds, prompt_embeds_mask, num, device
             )
             batches = [
                 (size, indices[start : start + batch_size])
@@ -411,7 +341,14 @@ class DiNaRewardPipeline(DiNaPipelineLoaderMixin, DiffusionPipeline):
                     # 5. Score: snap, noise, one backbone call for every level, the head
                     rows = [prompt_group[i] for i in batch] if prompt is not None else batch
                     rows = torch.as_tensor(rows, device=device)
-                    out = self.reward_model.score_clean(clean, embeds[rows], pooled[rows], noise=eps, **levels_arg)
+                    out = self.reward_model.score_clean(
+                        clean,
+                        encoded.embeds[rows],
+                        None if encoded.pooled is None else encoded.pooled[rows],
+                        None if encoded.mask is None else encoded.mask[rows],
+                        noise=eps,
+                        **levels_arg,
+                    )
                     order.extend(batch)
                     parts.append(out.rewards)
                     progress.update()

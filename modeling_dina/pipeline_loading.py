@@ -10,9 +10,12 @@ from diffusers import DiffusionPipeline
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 
+from .backbones import backbone_type_for
 from .configuration_dina import DiNaConfig
 from .modeling_dina import ADAPTER_NAME, DiNaRewardModel
 
+# The text slots of the reward pipeline, named as the base pipelines name them (SD3 uses all three pairs, FLUX.1 two,
+# Qwen-Image and Z-Image one); the backbone's `text_components` say which a family needs.
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
 
@@ -75,10 +78,11 @@ class DiNaPipelineLoaderMixin:
 
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, reward_model=None, **kwargs):
-        """Share an SD3 generator's text encoders, tokenizers, VAE and scheduler (no copy) with a reward pipeline.
+        """Share a generator's text encoders, tokenizers, VAE and scheduler (no copy) with a reward pipeline.
 
         Args:
-            pipeline: a `StableDiffusion3Pipeline` (or any pipeline with the same components and a `transformer`).
+            pipeline: a `StableDiffusion3Pipeline`, `FluxPipeline`, `QwenImagePipeline` or `ZImagePipeline` (or any
+                pipeline with the same components and a `transformer`) of the reward model's family.
             reward_model: a loaded [`DiNaRewardModel`], or a [`DiNaConfig`] / DiNa folder, built on
                 `pipeline.transformer` so that the backbone's frozen blocks ARE the generator's (its own LoRA is
                 switched on only while scoring, the generator's output is unchanged).
@@ -109,6 +113,11 @@ class DiNaPipelineLoaderMixin:
         elif not isinstance(reward_model, DiNaRewardModel):
             raise TypeError(
                 f"`reward_model` must be a DiNaRewardModel, DiNaConfig or folder, got {type(reward_model).__name__}."
+            )
+        if transformer is not None and backbone_type_for(type(transformer)) != reward_model.config.backbone_type:
+            raise ValueError(
+                f"`pipeline` is a {backbone_type_for(type(transformer))} generator; the reward model reads "
+                f"{reward_model.config.backbone_type} latents and prompts."
             )
         components = {name: getattr(pipeline, name, None) for name in ("scheduler", "vae", *TEXT_COMPONENTS)}
         unknown = sorted(set(kwargs) - set(components))

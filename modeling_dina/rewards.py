@@ -60,18 +60,20 @@ def make_latent_reward_fn(
     batch_size: int = 8,
 ) -> Callable:
     """A reward on a generator's clean latents and its prompt encoding: `fn(latents, prompt_embeds,
-    pooled_prompt_embeds) -> rewards` (a `(B,)` tensor on the pipeline's device, raw unless `normalized`).
+    pooled_prompt_embeds, prompt_embeds_mask=None) -> rewards` (a `(B,)` tensor on the pipeline's device, raw unless
+    `normalized`; pooled for SD3 and FLUX, else `None`; the mask for Qwen-Image and Z-Image).
 
     With `differentiable=True` gradients flow from the rewards to `latents` (and to the reward model's trainable
     weights). Encode prompts with `max_sequence_length=pipe.reward_model.config.max_sequence_length` to match training.
     """
     _check_pipe(pipe)
 
-    def latent_reward_fn(latents, prompt_embeds, pooled_prompt_embeds):
+    def latent_reward_fn(latents, prompt_embeds, pooled_prompt_embeds, prompt_embeds_mask=None):
         out = pipe(
             latents=latents,
             prompt_embeds=prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds,
+            prompt_embeds_mask=prompt_embeds_mask,
             noise_level=noise_level,
             noise_levels=noise_levels,
             differentiable=differentiable,

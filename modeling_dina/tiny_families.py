@@ -1,16 +1,40 @@
-"""Tiny FLUX.1, Qwen-Image and Z-Image transformers built locally (no download), with the classes and wiring of the
-real ones, for tests and benchmarks; and the real transformers' configs for meta-device parameter counts."""
+"""Tiny FLUX.1, Qwen-Image and Z-Image transformers and generator pipelines built locally (no download), with the
+classes and wiring of the real ones, for tests and benchmarks; and the real transformers' configs for meta-device
+parameter counts."""
 
 from __future__ import annotations
 
-import torch
-from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, ZImageTransformer2DModel
+from collections.abc import Iterable
 
-__all__ = ["TINY_FAMILY_DINA", "TINY_PROMPT_WIDTHS", "build_tiny_transformer"]
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
+)
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+from .tiny_sd3 import _t5_encoder, make_word_tokenizer
+
+__all__ = [
+    "TINY_FAMILY_DINA",
+    "TINY_PROMPT_WIDTHS",
+    "build_tiny_pipeline",
+    "build_tiny_transformer",
+    "make_chat_tokenizer",
+]
 
 # Latents of every tiny family have 4 channels; prompt embeddings are (B, L, TINY_PROMPT_WIDTHS[family]) and FLUX's
 # pooled vector has width 16.
 TINY_PROMPT_WIDTHS = {"flux": 32, "qwenimage": 32, "zimage": 24}
+TINY_FLUX_POOLED_WIDTH = 16
 
 _TINY_CONFIGS = {
     "flux": (
@@ -22,7 +46,7 @@ _TINY_CONFIGS = {
             attention_head_dim=16,
             num_attention_heads=2,
             joint_attention_dim=32,
-            pooled_projection_dim=16,
+            pooled_projection_dim=TINY_FLUX_POOLED_WIDTH,
             guidance_embeds=True,
             axes_dims_rope=(4, 6, 6),
         ),
@@ -82,3 +106,91 @@ def build_tiny_transformer(family: str, seed: int = 0):
             transformer.x_pad_token.normal_()
             transformer.cap_pad_token.normal_()
     return transformer.eval()
+
+
+def make_chat_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with a Qwen-style chat template (`<|im_start|>role content<|im_end|>`), right padding."""
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>", "user", "assistant"]
+    vocab = {t: i for i, t in enumerate([*specials, *sorted(set(words) - set(specials))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", padding_side="right")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    )
+    return tokenizer
+
+
+def _tiny_vae(family: str):
+    """A 4-channel VAE of the family's kind, 2 pixels per latent cell."""
+    if family == "qwenimage":
+        return AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=4,
+            dim_mult=[1, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False],
+            latents_mean=[0.1, -0.2, 0.3, 0.0],
+            latents_std=[2.0, 1.0, 0.5, 4.0],
+        ).eval()
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    ).eval()
+
+
+def _tiny_text_components(family: str, words: list[str]) -> dict:
+    """FLUX: CLIP-L-like (pooled width 16, 16 tokens) + T5 (width 32); Z-Image: Qwen3 (width 24, chat template);
+    Qwen-Image: none (its Qwen2.5-VL encoder is not built: prompts enter as embeddings + mask)."""
+    if family == "flux":
+        clip_tokenizer, t5_tokenizer = make_word_tokenizer(words, 16, "clip"), make_word_tokenizer(words, 64, "t5")
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(clip_tokenizer),
+                hidden_size=TINY_FLUX_POOLED_WIDTH,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=16,
+                bos_token_id=clip_tokenizer.bos_token_id,
+                eos_token_id=clip_tokenizer.eos_token_id,
+                pad_token_id=clip_tokenizer.pad_token_id,
+            )
+        ).eval()
+        t5 = _t5_encoder(t5_tokenizer, TINY_PROMPT_WIDTHS["flux"])
+        return {"text_encoder": clip, "tokenizer": clip_tokenizer, "text_encoder_2": t5, "tokenizer_2": t5_tokenizer}
+    if family == "zimage":
+        tokenizer = make_chat_tokenizer(words)
+        config = Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=TINY_PROMPT_WIDTHS["zimage"],
+            intermediate_size=32,
+            num_hidden_layers=2,  # Z-Image reads the second-to-last hidden state
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+        )
+        return {"text_encoder": Qwen3Model(config).eval(), "tokenizer": tokenizer}
+    return {"text_encoder": None, "tokenizer": None}
+
+
+def build_tiny_pipeline(family: str, words: Iterable[str] = (), seed: int = 0):
+    """A tiny generator pipeline of `family` (`FluxPipeline`, `QwenImagePipeline` or `ZImagePipeline`) on
+    `build_tiny_transformer(family, seed)`, with a seeded 4-channel VAE (2 pixels per latent cell) and text encoders
+    whose vocabulary is `words`; Qwen-Image has no text encoder (see `_tiny_text_components`)."""
+    pipeline_class = {"flux": FluxPipeline, "qwenimage": QwenImagePipeline, "zimage": ZImagePipeline}[family]
+    transformer = build_tiny_transformer(family, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = _tiny_vae(family)
+        text = _tiny_text_components(family, sorted({w.lower() for w in words} | {"a"}))
+    return pipeline_class(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, transformer=transformer, **text
+    )

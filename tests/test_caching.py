@@ -87,13 +87,13 @@ def test_buckets_are_multiples_and_match_aspect_ratio():
 
 
 def test_cache_stores_vae_latents_and_each_prompt_once(pipe, tmp_path, monkeypatch):
-    calls, original = [], pipe.encode_prompt
+    calls, original = [], StableDiffusion3Pipeline.encode_prompt
 
-    def encode_prompt(prompts, *args, **kwargs):
-        calls.append(list(prompts))
-        return original(prompts, *args, **kwargs)
+    def encode_prompt(self, *args, **kwargs):  # the SD3 family encodes with its own pipeline's method
+        calls.append(list(kwargs["prompt"] if "prompt" in kwargs else args[0]))
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(pipe, "encode_prompt", encode_prompt)
+    monkeypatch.setattr(StableDiffusion3Pipeline, "encode_prompt", encode_prompt)
     pairs = make_pairs(10)
     cached = cache(pairs, pipe, tmp_path / "cache")
 
@@ -114,7 +114,9 @@ def test_cache_stores_vae_latents_and_each_prompt_once(pipe, tmp_path, monkeypat
     assert item["chosen_latents"].dtype == torch.float32
 
     prompt = PROMPTS[5 % len(PROMPTS)]
-    embeds, _, pooled, _ = original([prompt], None, None, do_classifier_free_guidance=False, max_sequence_length=8)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        [prompt], None, None, do_classifier_free_guidance=False, max_sequence_length=8
+    )
     torch.testing.assert_close(item["prompt_embeds"], embeds[0])
     torch.testing.assert_close(item["pooled_prompt_embeds"], pooled[0])
     assert cached[1]["label"] == 0.5

@@ -2,11 +2,9 @@
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLQwenImage
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
-    PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3Model,
     T5Config,
@@ -14,6 +12,7 @@ from transformers import (
 )
 
 from modeling_dina.backbones import FluxBackbone, QwenImageBackbone, SD3Backbone, ZImageBackbone
+from modeling_dina.tiny_families import make_chat_tokenizer
 from modeling_dina.tiny_sd3 import make_word_tokenizer
 
 WORDS = "a red cat on the mat blue dog".split()
@@ -49,22 +48,9 @@ def test_flux_prompt_is_clip_pooled_and_t5_at_max_length():
     assert out.embeds.shape == (2, 12, 24) and out.mask is None
 
 
-def chat_tokenizer():
-    vocab = {t: i for i, t in enumerate(["<pad>", "<|im_start|>", "<|im_end|>", "user", "assistant", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", padding_side="right")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
-    )
-    return tokenizer
-
-
 def test_zimage_prompt_is_the_chat_templated_real_tokens_padded_with_a_mask():
     torch.manual_seed(0)
-    tokenizer = chat_tokenizer()
+    tokenizer = make_chat_tokenizer(WORDS)
     encoder = Qwen3Model(
         Qwen3Config(
             vocab_size=len(tokenizer),

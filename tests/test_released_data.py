@@ -96,7 +96,8 @@ def test_import_keeps_the_latents_and_encodes_each_prompt_once(released, pipe, t
     folder, latents = released
     cache = import_released_data(folder, pipe, tmp_path / "cache", max_sequence_length=16, shard_size=3)
     assert len(cache) == 5
-    embeds, pooled = encode_prompts(pipe, PROMPTS[:2], max_sequence_length=16, batch_size=8)
+    encoded = encode_prompts(pipe, PROMPTS[:2], max_sequence_length=16, batch_size=8)
+    embeds, pooled = encoded.embeds, encoded.pooled
     for i in range(5):
         item = cache[i]
         assert torch.equal(item["chosen_latents"], torch.from_numpy(latents[2 * i]))  # latent1 is the chosen image

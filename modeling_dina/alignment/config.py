@@ -6,11 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import yaml
-
-from .sampling import GENERATOR_LORA_TARGETS
 
 METHODS = ("refl", "grpo", "raft", "dpo")
 KL_TYPES = ("prediction", "weights")
@@ -95,7 +93,7 @@ class AlignmentConfig:
     negative_prompt: str = ""
     lora_rank: int = 16
     lora_alpha: float = 16.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(GENERATOR_LORA_TARGETS))
+    lora_target_modules: list[str] | None = None  # None: the generator family's (`generator_lora_targets`)
 
     reward_noise_level: float | list[float] = 0.4
     reward_scale: float = 1.0

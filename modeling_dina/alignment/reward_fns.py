@@ -37,13 +37,15 @@ class DiNaLatentReward:
         self,
         latents: torch.Tensor,
         prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         prompts: Sequence[str] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Raw rewards `(B,)` in float32; `noise` (shaped like `latents`) replaces the draw. With `prompts`, the
         samples of one prompt share one draw (common random numbers, SPEC §1): within a group of samples of a prompt
-        (GRPO, RAFT, DPO) reward differences then come from the images, not from the scoring noise."""
+        (GRPO, RAFT, DPO) reward differences then come from the images, not from the scoring noise. Prompt inputs
+        are the reward model's family's (pooled: SD3, FLUX; `encoder_attention_mask`: Qwen-Image, Z-Image)."""
         if noise is None:
             if prompts is None:
                 noise = torch.randn(latents.shape, generator=self.generator)
@@ -51,7 +53,9 @@ class DiNaLatentReward:
                 distinct = list(dict.fromkeys(prompts))
                 draws = torch.randn((len(distinct), *latents.shape[1:]), generator=self.generator)
                 noise = draws[torch.tensor([distinct.index(p) for p in prompts])]
-        out = self.model.score_clean(latents, prompt_embeds, pooled_prompt_embeds, noise=noise, **self.levels)
+        out = self.model.score_clean(
+            latents, prompt_embeds, pooled_prompt_embeds, encoder_attention_mask, noise=noise, **self.levels
+        )
         return out.rewards
 
 

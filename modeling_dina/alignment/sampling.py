@@ -20,7 +20,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from ..backbone_sd3 import SD3_LORA_TARGETS as GENERATOR_LORA_TARGETS
+from ..backbones import backbone_class, backbone_type_for
 
 GENERATOR_ADAPTER = "generator"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
@@ -184,9 +184,17 @@ def add_generator_lora(
     if GENERATOR_ADAPTER in (getattr(transformer, "peft_config", None) or {}):
         raise ValueError(f"the transformer already has an adapter named {GENERATOR_ADAPTER!r}.")
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=target_modules or GENERATOR_LORA_TARGETS
+        r=rank,
+        lora_alpha=alpha,
+        init_lora_weights=init,
+        target_modules=target_modules or list(generator_lora_targets(transformer)),
     )
     transformer.add_adapter(config, adapter_name=GENERATOR_ADAPTER)
+
+
+def generator_lora_targets(transformer) -> tuple[str, ...]:
+    """The generator LoRA's default targets: the attention projections of the transformer's backbone family."""
+    return backbone_class(backbone_type_for(type(transformer))).default_lora_targets
 
 
 def generator_lora_parameters(transformer) -> list[torch.nn.Parameter]:

@@ -65,14 +65,15 @@ class ModelSpec:
 
     @classmethod
     def from_model(cls, model) -> ModelSpec:
-        backbone, config = model.backbone, model.config.backbone_config or {}
+        backbone = model.backbone
         max_patches = backbone.max_patches
+        text_width, pooled_width = backbone.prompt_widths(model.config.backbone_config or {})
         return cls(
             latent_channels=backbone.latent_channels,
             patch_size=backbone.patch_size,
             max_latent_side=max_patches * backbone.patch_size if max_patches else None,
-            text_width=config.get("joint_attention_dim"),
-            pooled_width=config.get("pooled_projection_dim"),
+            text_width=text_width,
+            pooled_width=pooled_width,
         )
 
 

@@ -112,8 +112,8 @@ def dina_scorer(reward_pipe: DiNaRewardPipeline, batch: int = 256, **levels) -> 
     def score(prompts: list[str], latents: torch.Tensor) -> torch.Tensor:
         missing = sorted(set(prompts) - embeddings.keys())
         if missing:
-            embeds, pooled = encode_prompts(reward_pipe, missing, max_sequence_length=length, batch_size=batch)
-            embeddings.update(zip(missing, zip(embeds, pooled)))
+            encoded = encode_prompts(reward_pipe, missing, max_sequence_length=length, batch_size=batch)
+            embeddings.update(zip(missing, zip(encoded.embeds, encoded.pooled)))
         embeds = torch.stack([embeddings[p][0] for p in prompts])
         pooled = torch.stack([embeddings[p][1] for p in prompts])
         return reward_pipe(
@@ -368,7 +368,7 @@ def build_rewards(
             logger.info("%s accuracy on %s pairs, %s noise: %s", variant, name, mode, row)
 
     prompts = sorted({*train["prompt"], *prompts_by_split["test"]})  # the held-out prompts are test-split prompts
-    _, pooled = encode_prompts(generator, prompts, max_sequence_length=MAX_SEQUENCE_LENGTH, batch_size=256)
+    pooled = encode_prompts(generator, prompts, max_sequence_length=MAX_SEQUENCE_LENGTH, batch_size=256).pooled
     pooled_by_prompt = dict(zip(prompts, pooled))
     pixel = train_pixel_reward(train, pooled_by_prompt, steps=reward_steps, seed=seed)
     save_pixel_reward(pixel, output_dir / "rewards" / "pixel")

@@ -7,12 +7,21 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-INPUT_NAMES = ("chosen_latents", "rejected_latents", "prompt_embeds", "pooled_prompt_embeds", "labels")
+INPUT_NAMES = (
+    "chosen_latents",
+    "rejected_latents",
+    "prompt_embeds",
+    "pooled_prompt_embeds",
+    "prompt_embeds_mask",
+    "labels",
+)
+OPTIONAL_INPUTS = ("pooled_prompt_embeds", "prompt_embeds_mask")  # as the base's family has them (SD3, FLUX: pooled)
 
 
 class PreferenceCollator:
-    """Stack cached examples (`chosen_latents`, `rejected_latents`, `prompt_embeds`, `pooled_prompt_embeds`,
-    `label`) into fp32 tensors; `label` becomes `labels`. All latents of a batch must share one size."""
+    """Stack cached examples (`chosen_latents`, `rejected_latents`, `prompt_embeds`, `label` and, where the family
+    has them, `pooled_prompt_embeds` and the bool `prompt_embeds_mask`) into fp32 tensors; `label` becomes `labels`.
+    All latents of a batch must share one size."""
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not examples:
@@ -25,9 +34,10 @@ class PreferenceCollator:
             )
 
         def stack(key: str) -> torch.Tensor:
-            return torch.stack([torch.as_tensor(e[key], dtype=torch.float32) for e in examples])
+            dtype = torch.bool if key == "prompt_embeds_mask" else torch.float32
+            return torch.stack([torch.as_tensor(e[key], dtype=dtype) for e in examples])
 
-        batch = {key: stack(key) for key in INPUT_NAMES[:-1]}
+        batch = {key: stack(key) for key in INPUT_NAMES[:-1] if key not in OPTIONAL_INPUTS or key in examples[0]}
         batch["labels"] = torch.tensor([float(e["label"]) for e in examples], dtype=torch.float32)
         return batch
 
@@ -81,4 +91,4 @@ def single_size_batches(bucket_ids: Sequence[Hashable], batch_size: int) -> list
     return [g[i : i + batch_size] for _, g in sorted(groups.items()) for i in range(0, len(g), batch_size)]
 
 
-__all__ = ["BucketSampler", "INPUT_NAMES", "PreferenceCollator", "single_size_batches"]
+__all__ = ["BucketSampler", "INPUT_NAMES", "OPTIONAL_INPUTS", "PreferenceCollator", "single_size_batches"]

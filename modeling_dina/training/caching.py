@@ -7,14 +7,14 @@ A cache folder holds:
   the totals;
 - `shards/NNNNN/pairs` and `shards/NNNNN/prompts`: `datasets` folders (`save_to_disk`). Pair rows hold the source
   `row`, `prompt`, `prompt_index` (a row of the concatenated prompt shards), `label`, the latent size and the
-  chosen/rejected latents (flat); prompt rows hold each distinct prompt once with its `prompt_embeds` (L, D) and
-  `pooled_prompt_embeds`;
+  chosen/rejected latents (flat); prompt rows hold each distinct prompt once with its `prompt_embeds` (L, D) and,
+  as the base's family has them, `pooled_prompt_embeds` (SD3, FLUX) and `prompt_embeds_mask` (Qwen-Image, Z-Image);
 - `skipped_rows.json`: the rows left out because an image could not be read (a missing file included) or the prompt
   is not a string (also logged as warnings).
 
 Each shard is written to a temporary folder and renamed when complete, so an interrupted run resumes at the first
 missing shard. Images are resized and centre-cropped to the nearest aspect-ratio bucket (sides multiples of the
-VAE factor times the patch size, 16 for SD3) and chosen and rejected of a pair share a bucket, so pairs of one
+VAE factor times the patch size, 16 for every family) and chosen and rejected of a pair share a bucket, so pairs of one
 bucket batch together.
 """
 
@@ -32,76 +32,20 @@ from typing import NamedTuple
 
 import torch
 from datasets import Array2D, Dataset, Features, Image, List, Value, concatenate_datasets, load_from_disk
-from diffusers import StableDiffusion3Pipeline
 from tqdm.auto import tqdm
 
-from ..backbones import read_backbone_config, resolve_base_folder
 from ..data import validate_pairs
-from ..image_processing_dina import DiNaImageProcessor, vae_encode
+from ..image_processing_dina import DiNaImageProcessor
 from .buckets import BUCKET_POLICIES, RELEASED_BUCKETS, RELEASED_MIN_AREA, make_buckets, nearest_bucket, pair_bucket
+from .encoders import base_geometry, encode_images, encode_prompts, image_to_pixels, load_encoders
 
 logger = logging.getLogger(__name__)
 
 CACHE_INFO_NAME = "cache_info.json"
 SKIPPED_ROWS_NAME = "skipped_rows.json"
 _SHARDS = "shards"
+OPTIONAL_PROMPT_COLUMNS = ("pooled_prompt_embeds", "prompt_embeds_mask")
 _SETTINGS_ADDED_LATER = {"bucket_policy": "dense", "sample_posterior": False}  # what older caches were made with
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Encoders
-# ----------------------------------------------------------------------------------------------------------
-def load_encoders(
-    base_or_pipeline, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> StableDiffusion3Pipeline:
-    """The base's text encoders and VAE as a `StableDiffusion3Pipeline` without its transformer.
-
-    A folder or Hub id is loaded with the text encoders in `dtype` and the VAE in fp32; a loaded pipeline is used as
-    it is.
-    """
-    if not isinstance(base_or_pipeline, (str, os.PathLike)):
-        return base_or_pipeline
-    dtypes = {"default": dtype or torch.float32, "vae": torch.float32}
-    pipe = StableDiffusion3Pipeline.from_pretrained(os.fspath(base_or_pipeline), transformer=None, dtype=dtypes)
-    return pipe.to(device) if device is not None else pipe
-
-
-@torch.no_grad()
-def encode_prompts(
-    pipe, prompts: Sequence[str], *, max_sequence_length: int, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SD3 prompt embeddings `(N, L, D)` and pooled embeddings `(N, P)` (fp32, CPU), `batch_size` prompts a call."""
-    embeds, pooled = [], []
-    for start in range(0, len(prompts), batch_size):
-        e, _, p, _ = pipe.encode_prompt(
-            list(prompts[start : start + batch_size]),
-            None,
-            None,
-            do_classifier_free_guidance=False,
-            max_sequence_length=max_sequence_length,
-        )
-        embeds.append(e.float().cpu())
-        pooled.append(p.float().cpu())
-    return torch.cat(embeds), torch.cat(pooled)
-
-
-def image_to_pixels(
-    image, size: tuple[int, int], *, mode: str = "crop", processor: DiNaImageProcessor | None = None
-) -> torch.Tensor:
-    """An image fitted to `size` = (width, height) by the image processor (the pipeline's decoding: EXIF orientation,
-    alpha over white, 16-bit), as a `(3, H, W)` tensor in [-1, 1]."""
-    processor = processor or DiNaImageProcessor()
-    return processor.preprocess_images([image], (size[1], size[0]), mode=mode)[0]
-
-
-@torch.no_grad()
-def encode_images(pipe, pixels: torch.Tensor, *, batch_size: int, sample_posterior: bool = False, generator=None):
-    """VAE latents (fp32, CPU) of `(N, 3, H, W)` pixels in [-1, 1], by `vae_encode` (the pipeline's own)."""
-    latents = []
-    for start in range(0, len(pixels), batch_size):
-        batch = pixels[start : start + batch_size]
-        latents.append(vae_encode(pipe.vae, batch, sample_posterior=sample_posterior, generator=generator).cpu())
-    return torch.cat(latents)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,13 +70,16 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
         row = self.pairs[int(index)]
         prompt = self.prompts[int(row["prompt_index"])]
         shape = (self.latent_channels, int(row["latent_height"]), int(row["latent_width"]))
-        return {
+        item = {
             "chosen_latents": torch.from_numpy(row["chosen_latents"]).reshape(shape),
             "rejected_latents": torch.from_numpy(row["rejected_latents"]).reshape(shape),
             "prompt_embeds": torch.from_numpy(prompt["prompt_embeds"]),
-            "pooled_prompt_embeds": torch.from_numpy(prompt["pooled_prompt_embeds"]),
             "label": torch.tensor(float(row["label"])),
         }
+        for name in OPTIONAL_PROMPT_COLUMNS:  # as the base's family has them
+            if name in prompt:
+                item[name] = torch.from_numpy(prompt[name])
+        return item
 
     @cached_property
     def bucket_ids(self) -> list[tuple[int, int]]:
@@ -184,7 +131,9 @@ def cache_preference_dataset(
     `CachedPreferenceDataset`; finished shards of an earlier, interrupted run are kept.
 
     Args:
-        base_or_pipeline: the base pipeline's folder or Hub id, or a loaded `StableDiffusion3Pipeline`.
+        base_or_pipeline: the base pipeline's folder or Hub id, or a loaded pipeline of its family
+            (`StableDiffusion3Pipeline`, `FluxPipeline`, `QwenImagePipeline`, `ZImagePipeline`; the transformer is
+            read for the geometry only).
         batch_size: images (and prompts) per encoder call.
         max_sequence_length: T5 tokens of the prompt encoding (the release trained with 128).
         resolution: side of the square of the buckets' area in pixels (default: the base's native size).
@@ -229,7 +178,7 @@ def cache_preference_dataset(
         return load_cached_preferences(output_dir)  # done before: the encoders are not even loaded
 
     pipe = load_encoders(base_or_pipeline, device=device, dtype=dtype)
-    multiple, max_side, native = _geometry(base_or_pipeline, pipe)
+    multiple, max_side, native, latent_channels = base_geometry(base_or_pipeline, pipe)
     if bucket_policy == "released":
         buckets = [b for tier in RELEASED_BUCKETS.values() for b in tier]
     elif buckets is None:
@@ -238,7 +187,7 @@ def cache_preference_dataset(
     bad = [b for b in buckets if b[0] % multiple or b[1] % multiple or (max_side and max(b) > max_side)]
     if bad:
         raise ValueError(f"buckets {bad} are not multiples of {multiple} or exceed the largest side {max_side}")
-    settings.update(latent_channels=pipe.vae.config.latent_channels, bucket_sizes=[list(b) for b in buckets])
+    settings.update(latent_channels=latent_channels, bucket_sizes=[list(b) for b in buckets])
 
     def write_shard(rows, folder, prompt_index):
         _write_shard(pairs, rows, folder, pipe, prompt_index, buckets, settings, batch_size)
@@ -370,13 +319,19 @@ def write_cache_part(folder, pairs, skipped, prompt_index, pipe, settings, batch
 
     new_prompts = list(dict.fromkeys(prompt for _, prompt, *_ in pairs if prompt not in prompt_index))
     if new_prompts:
-        embeds, pooled = encode_prompts(pipe, new_prompts, max_sequence_length=max_length, batch_size=batch_size)
+        encoded = encode_prompts(pipe, new_prompts, max_sequence_length=max_length, batch_size=batch_size)
         features = {
             "prompt": Value("string"),
-            "prompt_embeds": Array2D(shape=tuple(embeds.shape[1:]), dtype=dtype),
-            "pooled_prompt_embeds": List(Value(dtype), length=pooled.shape[1]),
+            "prompt_embeds": Array2D(shape=tuple(encoded.embeds.shape[1:]), dtype=dtype),
         }
-        columns = {"prompt": new_prompts, "prompt_embeds": embeds.numpy(), "pooled_prompt_embeds": pooled.numpy()}
+        columns = {"prompt": new_prompts, "prompt_embeds": encoded.embeds.numpy()}
+        for name, values, value_type in (
+            ("pooled_prompt_embeds", encoded.pooled, dtype),
+            ("prompt_embeds_mask", encoded.mask, "bool"),
+        ):
+            if values is not None:
+                features[name] = List(Value(value_type), length=values.shape[1])
+                columns[name] = values.numpy()
         Dataset.from_dict(columns, features=Features(features)).save_to_disk(os.path.join(tmp, "prompts"))
     index = {**prompt_index, **{p: len(prompt_index) + i for i, p in enumerate(new_prompts)}}
 
@@ -405,21 +360,6 @@ def write_cache_part(folder, pairs, skipped, prompt_index, pipe, settings, batch
         Dataset.from_dict(columns, features=Features(features)).save_to_disk(os.path.join(tmp, "pairs"))
     _write_json(os.path.join(tmp, SKIPPED_ROWS_NAME), skipped)
     os.replace(tmp, folder)
-
-
-def _geometry(base_or_pipeline, pipe) -> tuple[int, int | None, int]:
-    """Bucket multiple (VAE factor x patch size), the largest side the position table allows, the native side."""
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is not None:
-        config = dict(transformer.config)
-    elif isinstance(base_or_pipeline, (str, os.PathLike)):
-        config = read_backbone_config(resolve_base_folder(os.fspath(base_or_pipeline)))
-    else:
-        raise ValueError("a pipeline without its transformer: pass the base folder or Hub id instead")
-    factor, patch = pipe.vae_scale_factor, config["patch_size"]
-    max_patches = config.get("pos_embed_max_size")
-    max_side = max_patches * patch * factor if max_patches else None
-    return factor * patch, max_side, config["sample_size"] * factor
 
 
 def _read_json(path: str):

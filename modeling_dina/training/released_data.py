@@ -31,13 +31,13 @@ import pyarrow.parquet as pq
 
 from .caching import (
     CachedPreferenceDataset,
-    _geometry,
     fill_cache,
     load_cached_preferences,
     load_encoders,
     read_cache_info,
     write_cache_part,
 )
+from .encoders import base_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +169,8 @@ def import_released_data(
         return load_cached_preferences(output_dir)
 
     pipe = load_encoders(base_or_pipeline, device=device, dtype=dtype)
-    multiple, max_side, _ = _geometry(base_or_pipeline, pipe)
-    channels, factor = pipe.vae.config.latent_channels, pipe.vae_scale_factor
+    multiple, max_side, _, channels = base_geometry(base_or_pipeline, pipe)
+    factor = pipe.vae_scale_factor
     geometry = (channels, multiple // factor, max_side // factor if max_side else None)
     settings["latent_channels"] = channels
 

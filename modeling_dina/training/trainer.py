@@ -111,10 +111,12 @@ class DiNaTrainer(Trainer):
         """Rewards `(2, B)` (fp32) of a batch's chosen and rejected latents, stacked on the batch axis as
         `[chosen; rejected]` with one shared noise draw, through the (possibly wrapped) `model` in one batched forward;
         and the sigmas used. `levels` are `noise_level(s)` of `DiNaRewardModel.noised_inputs`."""
+        pooled, mask = inputs.get("pooled_prompt_embeds"), inputs.get("prompt_embeds_mask")
         forward, sigmas = self.dina.noised_inputs(
             latents,
             inputs["prompt_embeds"].repeat(2, 1, 1),
-            inputs["pooled_prompt_embeds"].repeat(2, 1),
+            None if pooled is None else pooled.repeat(2, 1),
+            None if mask is None else mask.repeat(2, 1),
             noise=torch.cat([noise, noise]),
             **levels,
         )
