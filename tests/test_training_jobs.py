@@ -107,7 +107,8 @@ KILLED_WHILE_SAVING = textwrap.dedent(
 def test_resume_after_kill_9_mid_save_skips_the_broken_checkpoint(config_for, reference_run, tmp_path, caplog):
     run = tmp_path / "killed"
     config = config_for(run)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # one intra-op thread, as this process runs (conftest): another thread count changes float reduction order
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", KILLED_WHILE_SAVING, config], env=env, capture_output=True, timeout=600
     )

@@ -207,8 +207,8 @@ def write_alignment_report(runs_dir: str | Path, output_dir: str | Path, command
         f"nor the early stopping see), 95 % Wilson intervals in brackets: during the run on {EVAL_SAMPLES} draws with "
         f"fixed seeds, and checked after it on {CHECK_DRAWS} fresh draws (other seeds) for the base and the run's "
         "final LoRA (`check`). Minutes are training time (evaluations excluded; a reward refresh included), measured "
-        "on the machine named below; reward FLOPs are counted by torch on the first step (a refresh's not included). "
-        "What the runs show and what to try next: [alignment_notes.md](alignment_notes.md).",
+        "on the machine the notes describe; reward FLOPs are counted by torch on the first step (a refresh's not "
+        "included). What the runs show and what to try next: [alignment_notes.md](alignment_notes.md).",
         "",
         "| run | what | steps | minutes | reward GFLOP/step | in-run start | in-run end | in-run best (step) | "
         f"check, {CHECK_DRAWS} draws: base → final |",
