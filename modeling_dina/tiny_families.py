@@ -29,6 +29,7 @@ __all__ = [
     "build_tiny_pipeline",
     "build_tiny_transformer",
     "make_chat_tokenizer",
+    "tiny_vae",
 ]
 
 # Latents of every tiny family have 4 channels; prompt embeddings are (B, L, TINY_PROMPT_WIDTHS[family]) and FLUX's
@@ -123,7 +124,7 @@ def make_chat_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _tiny_vae(family: str):
+def tiny_vae(family: str):
     """A 4-channel VAE of the family's kind, 2 pixels per latent cell."""
     if family == "qwenimage":
         return AutoencoderKLQwenImage(
@@ -189,7 +190,7 @@ def build_tiny_pipeline(family: str, words: Iterable[str] = (), seed: int = 0):
     transformer = build_tiny_transformer(family, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = _tiny_vae(family)
+        vae = tiny_vae(family)
         text = _tiny_text_components(family, sorted({w.lower() for w in words} | {"a"}))
     return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, transformer=transformer, **text

@@ -1,7 +1,7 @@
 """Per-family prompt encoding and VAE latent normalisation, on tiny text encoders and VAEs built locally."""
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLQwenImage
+from diffusers import AutoencoderKL
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -12,7 +12,7 @@ from transformers import (
 )
 
 from modeling_dina.backbones import FluxBackbone, QwenImageBackbone, SD3Backbone, ZImageBackbone
-from modeling_dina.tiny_families import make_chat_tokenizer
+from modeling_dina.tiny_families import make_chat_tokenizer, tiny_vae
 from modeling_dina.tiny_sd3 import make_word_tokenizer
 
 WORDS = "a red cat on the mat blue dog".split()
@@ -93,18 +93,10 @@ def test_latent_normalisation_per_family():
         mean = vae.encode(pixels).latent_dist.mean
         for family in (SD3Backbone, FluxBackbone, ZImageBackbone):
             assert torch.allclose(family.encode_pixels(vae, pixels), (mean - 0.1159) * 0.3611)
-    qwen_vae = AutoencoderKLQwenImage(
-        base_dim=8,
-        z_dim=4,
-        dim_mult=[1, 2],
-        num_res_blocks=1,
-        temperal_downsample=[False],
-        latents_mean=[0.1, -0.2, 0.3, 0.0],
-        latents_std=[2.0, 1.0, 0.5, 4.0],
-    ).eval()
+    qwen_vae = tiny_vae("qwenimage")
     with torch.no_grad():
         z = qwen_vae.encode(pixels.unsqueeze(2)).latent_dist.mean[:, :, 0]
         latents = QwenImageBackbone.encode_pixels(qwen_vae, pixels)
-    mean, std = torch.tensor([0.1, -0.2, 0.3, 0.0]), torch.tensor([2.0, 1.0, 0.5, 4.0])
+    mean, std = torch.tensor(qwen_vae.config.latents_mean), torch.tensor(qwen_vae.config.latents_std)
     assert latents.shape == z.shape and z.ndim == 4
     assert torch.allclose(latents, (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1), atol=1e-6)
