@@ -1,7 +1,6 @@
 """Per-family prompt encoding and VAE latent normalisation, on tiny text encoders and VAEs built locally."""
 
 import torch
-from diffusers import AutoencoderKL
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -80,15 +79,8 @@ def test_zimage_prompt_is_the_chat_templated_real_tokens_padded_with_a_mask():
 def test_latent_normalisation_per_family():
     torch.manual_seed(0)
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-    ).eval()
+    vae = tiny_vae("sd3")  # shift 0.1159, scale 0.3611
+    assert (vae.config.shift_factor, vae.config.scaling_factor) == (0.1159, 0.3611)
     with torch.no_grad():
         mean = vae.encode(pixels).latent_dist.mean
         for family in (SD3Backbone, FluxBackbone, ZImageBackbone):
