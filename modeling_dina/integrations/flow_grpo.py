@@ -8,7 +8,7 @@ function has such an argument) and calls the result as `fn(images, prompts, meta
     score_functions["dina"] = dina_score_remote     # a `dina serve` server at DINA_REWARD_URL
 
 `dina_latent_score` is the latent variant (the authors' latent fork hands the generator's clean latents instead of
-decoded images, and may pass its prompt encoding along).
+decoded images, and may pass its prompt encoding along: pooled for SD3 / FLUX, a mask for Qwen-Image / Z-Image).
 """
 
 from __future__ import annotations
@@ -29,20 +29,23 @@ def dina_score(device, model: str | None = None, noise_level: float | None = Non
 
 
 def dina_latent_score(device, model: str | None = None, noise_level: float | None = None):
-    """`fn(latents, prompts, metadata, prompt_embeds=None, pooled_prompt_embeds=None) -> (scores, {})` on clean
-    generator latents `(N, C, h, w)`. The noise is drawn per prompt text either way, so passing the rollout's prompt
-    encoding (no text encoders run) gives the same scores as letting the pipeline encode `prompts`."""
+    """`fn(latents, prompts, metadata, prompt_embeds=None, pooled_prompt_embeds=None, prompt_embeds_mask=None) ->
+    (scores, {})` on clean generator latents `(N, C, h, w)`. The noise is drawn per prompt text either way, so passing
+    the rollout's prompt encoding (no text encoders run) gives the same scores as letting the pipeline encode
+    `prompts`. An encoding without the pooled vector its family reads is ignored (the prompts are encoded)."""
     pipe = load_scoring_pipeline(model, device)
+    needs_pooled = pipe.backbone_family.uses_pooled
 
-    def _fn(latents, prompts, metadata, prompt_embeds=None, pooled_prompt_embeds=None):
+    def _fn(latents, prompts, metadata, prompt_embeds=None, pooled_prompt_embeds=None, prompt_embeds_mask=None):
         prompts = list(prompts)
-        if prompt_embeds is None or pooled_prompt_embeds is None:
+        if prompt_embeds is None or (needs_pooled and pooled_prompt_embeds is None):
             out = pipe(prompts, latents=latents, noise_level=noise_level)
         else:
             out = pipe(
                 latents=latents,
                 prompt_embeds=prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,
+                prompt_embeds_mask=prompt_embeds_mask,
                 noise=pipe.default_noise(latents, prompt=prompts),
                 noise_level=noise_level,
             )

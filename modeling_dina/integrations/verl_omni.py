@@ -3,7 +3,8 @@
 verl-omni calls an image reward as `compute_score(data_source, solution_image, ground_truth, extra_info, **kwargs)`
 (awaited when it is a coroutine function) and reads `{"score": float, ...}`; for SD3.5 latent rollouts
 (`output_type="latent"` or `"both"`) the clean latent is `extra_info["latents_clean"]` (or `solution_image` itself)
-with `extra_info["prompt_embeds"]` / `["pooled_prompt_embeds"]`, and `ground_truth` is the prompt. Its native reward
+with `extra_info["prompt_embeds"]` / `["pooled_prompt_embeds"]` (other families: `["prompt_embeds_mask"]` where they
+mask prompt tokens, no pooled vector), and `ground_truth` is the prompt. Its native reward
 models are classes built as `cls(model_path=..., device=..., **executor.kwargs)` whose `infer(...)` the reward function
 calls through the `reward_model` handle and whose `close()` runs when the model is put to sleep: `DiNaVerlReward`.
 
@@ -50,10 +51,12 @@ class DiNaVerlReward:
         latents=None,
         prompt_embeds=None,
         pooled_prompt_embeds=None,
+        prompt_embeds_mask=None,
         noise_level: float | None = None,
         noise_seed: int | None = None,
     ) -> float:
-        """Raw reward of one sample: clean `latents` `(C, h, w)` (with the prompt encoding, or `prompt` to encode),
+        """Raw reward of one sample: clean `latents` `(C, h, w)` (with the prompt encoding as the family has it:
+        `pooled_prompt_embeds` for SD3 / FLUX, optionally `prompt_embeds_mask` for Qwen-Image / Z-Image; or `prompt`),
         else `solution_image` (a `(C, H, W)` float tensor in [0, 1] or a PIL image) with `prompt`. With `noise_seed`
         the noise is `torch.randn((1, C, h, w), generator=torch.Generator("cpu").manual_seed(noise_seed))`."""
         generator = None if noise_seed is None else torch.Generator("cpu").manual_seed(int(noise_seed))
@@ -65,6 +68,7 @@ class DiNaVerlReward:
                 else:
                     kwargs["prompt_embeds"] = _batched(prompt_embeds, 3)
                     kwargs["pooled_prompt_embeds"] = _batched(pooled_prompt_embeds, 2)
+                    kwargs["prompt_embeds_mask"] = _batched(prompt_embeds_mask, 2)
                 out = self.pipe(latents=_batched(latents, 4), **kwargs)
             else:
                 if solution_image is None or prompt is None:
@@ -115,6 +119,7 @@ async def compute_score(
             latents=latents,
             prompt_embeds=extra_info.get("prompt_embeds"),
             pooled_prompt_embeds=extra_info.get("pooled_prompt_embeds"),
+            prompt_embeds_mask=extra_info.get("prompt_embeds_mask"),
         )
     else:
         request["solution_image"] = solution_image
@@ -140,7 +145,9 @@ def _latent_channels(model) -> int | None:
     return pipe.reward_model.backbone.latent_channels if pipe is not None else None
 
 
-def _batched(tensor: torch.Tensor, ndim: int) -> torch.Tensor:
+def _batched(tensor: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+    if tensor is None:  # the family has no such tensor (pooled: Qwen-Image, Z-Image) or it was not sent (mask)
+        return None
     tensor = torch.as_tensor(tensor)
     return tensor[None] if tensor.ndim == ndim - 1 else tensor
 

@@ -50,11 +50,23 @@ class DiNaRemoteReward:
         scores = np.asarray(answer["scores"], dtype=np.float32)
         return (scores if self.normalized else rewards), {"rewards": rewards}
 
-    def score_latents(self, latents, prompt_embeds, pooled_prompt_embeds, noise_level, seeds=None) -> torch.Tensor:
+    def score_latents(
+        self, latents, prompt_embeds, pooled_prompt_embeds, noise_level, seeds=None, encoder_attention_mask=None
+    ) -> torch.Tensor:
         """DRM v1: raw rewards `(B,)` of clean latents; `noise_level` a float or one per sample, `seeds` int per
         sample (the served noise is then `torch.randn(latents[i:i+1].shape, generator=Generator("cpu")
-        .manual_seed(seeds[i]))`, reproducible in process)."""
-        return score_latents(self.client, self.url, latents, prompt_embeds, pooled_prompt_embeds, noise_level, seeds)
+        .manual_seed(seeds[i]))`, reproducible in process). `pooled_prompt_embeds` is `None` for families without
+        one (Qwen-Image, Z-Image), which may send `encoder_attention_mask` `(B, L)` instead."""
+        return score_latents(
+            self.client,
+            self.url,
+            latents,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            noise_level,
+            seeds,
+            encoder_attention_mask,
+        )
 
     def healthy(self) -> bool:
         try:
@@ -66,24 +78,37 @@ class DiNaRemoteReward:
         self.client.close()
 
 
-def drm_payload(latents, prompt_embeds, pooled_prompt_embeds, noise_level, seeds=None) -> bytes:
-    """A DRM v1 request body (safetensors)."""
+def drm_payload(
+    latents, prompt_embeds, pooled_prompt_embeds, noise_level, seeds=None, encoder_attention_mask=None
+) -> bytes:
+    """A DRM v1 request body (safetensors); `pooled_prompt_embeds` and `encoder_attention_mask` are left out when
+    `None` (the mask travels as bool)."""
     u = torch.as_tensor(noise_level, dtype=torch.float32).reshape(-1)
     tensors = {
         "latents": latents.detach().float().cpu().contiguous(),
         "prompt_embeds": prompt_embeds.detach().float().cpu().contiguous(),
-        "pooled_prompt_embeds": pooled_prompt_embeds.detach().float().cpu().contiguous(),
         "u": u.contiguous(),
     }
+    if pooled_prompt_embeds is not None:
+        tensors["pooled_prompt_embeds"] = pooled_prompt_embeds.detach().float().cpu().contiguous()
+    if encoder_attention_mask is not None:
+        tensors["encoder_attention_mask"] = torch.as_tensor(encoder_attention_mask).detach().bool().cpu().contiguous()
     if seeds is not None:
         tensors["seeds"] = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1).contiguous()
     return save_tensors(tensors)
 
 
 def score_latents(
-    client: httpx.Client, url: str, latents, prompt_embeds, pooled_prompt_embeds, noise_level, seeds=None
+    client: httpx.Client,
+    url: str,
+    latents,
+    prompt_embeds,
+    pooled_prompt_embeds,
+    noise_level,
+    seeds=None,
+    encoder_attention_mask=None,
 ) -> torch.Tensor:
-    body = drm_payload(latents, prompt_embeds, pooled_prompt_embeds, noise_level, seeds)
+    body = drm_payload(latents, prompt_embeds, pooled_prompt_embeds, noise_level, seeds, encoder_attention_mask)
     headers = {"content-type": "application/octet-stream", PROTOCOL_HEADER: PROTOCOL_VERSION}
     answer = _check(client.post(f"{url.rstrip('/')}/v1/score", content=body, headers=headers))
     if answer.get("protocol_version") != PROTOCOL_VERSION:

@@ -14,27 +14,32 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backbone_base import PromptEmbeds
 from ..image_processing_dina import as_image_list
 from ..pipeline_dina import DiNaRewardPipeline
-from .protocol import ImageRequest, LatentRequest, ModelSpec, seeded_noise
+from .protocol import ImageRequest, LatentRequest, ModelSpec, RequestError, seeded_noise
 
 WARMUP_SIDE = 2  # latent patches a side in the warm-up call
 
 
 @dataclass
 class ScoreItem:
-    """One sample to score: CPU fp32 `latent (C, h, w)`, `noise` like it, `prompt_embeds (L, D)`, `pooled (P,)`."""
+    """One sample to score: CPU fp32 `latent (C, h, w)`, `noise` like it, `prompt_embeds (L, D)`, `pooled (P,)`
+    where the family has one, bool `mask (L,)` where the family masks prompt tokens and the request gave one."""
 
     latent: torch.Tensor
     noise: torch.Tensor
     prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
     noise_level: float
+    mask: torch.Tensor | None = None
 
     @property
     def group(self) -> tuple:
-        """Items of one group run in one backbone call: same latent size, noise level and prompt length."""
-        return (tuple(self.latent.shape), self.noise_level, tuple(self.prompt_embeds.shape))
+        """Items of one group run in one backbone call: same latent size, noise level and prompt length, and the same
+        optional tensors (an item without a mask reads every token; it is not batched with masked items)."""
+        shapes = (tuple(self.latent.shape), tuple(self.prompt_embeds.shape))
+        return (*shapes, self.noise_level, self.pooled is None, self.mask is None)
 
 
 class RewardEngine:
@@ -68,7 +73,7 @@ class RewardEngine:
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dina-engine")
-        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._prompts: OrderedDict[str, PromptEmbeds] = OrderedDict()
         self._noise_generator = torch.Generator().manual_seed(torch.seed())
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -94,12 +99,16 @@ class RewardEngine:
         self.ready.set()
 
     def _warm_up(self) -> None:
-        side = WARMUP_SIDE * self.spec.patch_size
-        latent = torch.zeros(self.spec.latent_channels, side, side)
-        tokens = self.pipe.tokenizer_max_length + self.pipe.reward_model.config.max_sequence_length
-        embeds = torch.zeros(tokens, self.spec.text_width)
-        item = ScoreItem(latent, torch.zeros_like(latent), embeds, torch.zeros(self.spec.pooled_width), 0.5)
-        self.score_group([item])
+        """One call shaped as the image route's: the family's prompt length, pooled vector and mask."""
+        spec, pipe = self.spec, self.pipe
+        side = WARMUP_SIDE * spec.patch_size
+        latent = torch.zeros(spec.latent_channels, side, side)
+        max_length = pipe.reward_model.config.max_sequence_length
+        tokens = pipe.backbone_family.prompt_length(pipe.components, max_length) or max_length
+        pooled = torch.zeros(spec.pooled_width) if spec.uses_pooled else None
+        mask = torch.ones(tokens, dtype=torch.bool) if spec.uses_mask else None
+        embeds = torch.zeros(tokens, spec.text_width)
+        self.score_group([ScoreItem(latent, torch.zeros_like(latent), embeds, pooled, 0.5, mask)])
 
     # ------------------------------------------------------------------------------------------------ requests
 
@@ -111,9 +120,22 @@ class RewardEngine:
         elif self.random_noise:
             noise = torch.randn(latents.shape, generator=self._noise_generator)
         else:
-            noise = self.pipe.default_noise(latents, pooled_prompt_embeds=request.pooled_prompt_embeds).cpu()
+            noise = self.pipe.default_noise(
+                latents,
+                pooled_prompt_embeds=request.pooled_prompt_embeds,
+                prompt_embeds=request.prompt_embeds,
+                prompt_embeds_mask=request.encoder_attention_mask,
+            ).cpu()
+        pooled, mask = request.pooled_prompt_embeds, request.encoder_attention_mask
         return [
-            ScoreItem(latents[i], noise[i], request.prompt_embeds[i], request.pooled_prompt_embeds[i], float(u))
+            ScoreItem(
+                latents[i],
+                noise[i],
+                request.prompt_embeds[i],
+                None if pooled is None else pooled[i],
+                float(u),
+                None if mask is None else mask[i],
+            )
             for i, u in enumerate(request.u.tolist())
         ]
 
@@ -122,7 +144,7 @@ class RewardEngine:
         would noise them. Runs on the engine thread."""
         pipe = self.pipe
         level = pipe.reward_model.config.noise_level_images if request.noise_level is None else request.noise_level
-        embeds, pooled = self.encode_prompts(request.prompts)
+        encoded = self.encode_prompts(request.prompts)
         images = as_image_list(request.images)
         items: list[ScoreItem | None] = [None] * len(images)
         for size, indices in pipe._size_groups(images).items():
@@ -137,30 +159,49 @@ class RewardEngine:
                 noise = pipe.default_noise(latents, prompt=prompts)
             latents, noise = latents.cpu(), noise.cpu()
             for row, i in enumerate(indices):
-                items[i] = ScoreItem(latents[row], noise[row], embeds[i], pooled[i], float(level))
+                items[i] = ScoreItem(
+                    latents[row],
+                    noise[row],
+                    encoded.embeds[i],
+                    None if encoded.pooled is None else encoded.pooled[i],
+                    float(level),
+                    None if encoded.mask is None else encoded.mask[i],
+                )
         return items
 
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(N, L, D)`, `(N, P)` CPU embeddings; only prompts missing from the LRU cache reach the text encoders."""
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """CPU `PromptEmbeds` of `prompts` (`(N, L, D)`, pooled `(N, P)` / mask `(N, L)` as the family has them) by the
+        pipeline's own `encode_prompts`; only prompts missing from the LRU cache reach the text encoders."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompts]
         if missing:
+            self._check_text_encoders()
             with torch.no_grad():
-                embeds, _, pooled, _ = self.pipe.encode_prompt(
-                    missing,
-                    None,
-                    None,
-                    device=self.pipe._execution_device,
-                    do_classifier_free_guidance=False,
-                    max_sequence_length=self.pipe.reward_model.config.max_sequence_length,
-                )
+                encoded = self.pipe.encode_prompts(missing)
             for i, prompt in enumerate(missing):
-                self._prompts[prompt] = (embeds[i].float().cpu(), pooled[i].float().cpu())
+                self._prompts[prompt] = PromptEmbeds(
+                    encoded.embeds[i].float().cpu(),
+                    None if encoded.pooled is None else encoded.pooled[i].float().cpu(),
+                    None if encoded.mask is None else encoded.mask[i].cpu(),
+                )
         for prompt in prompts:
             self._prompts.move_to_end(prompt)
         rows = [self._prompts[p] for p in prompts]
         while len(self._prompts) > self.prompt_cache_size:
             self._prompts.popitem(last=False)
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        return PromptEmbeds(*(_stacked([getattr(r, name) for r in rows]) for name in ("embeds", "pooled", "mask")))
+
+    def _check_text_encoders(self) -> None:
+        """A model served without its text encoders (e.g. a Qwen-Image folder whose Qwen2.5-VL is left out) scores
+        prompt embeddings only: the image route says so instead of failing inside the encoder."""
+        family = self.pipe.backbone_family
+        missing = [name for name in family.text_components if self.pipe.components.get(name) is None]
+        if missing:
+            raise RequestError(
+                "prompts",
+                f"this server's model has no text encoders ({', '.join(missing)} missing): send the prompt encoding "
+                "to DRM v1 `POST /v1/score` instead.",
+                501,
+            )
 
     @property
     def cached_prompts(self) -> int:
@@ -172,14 +213,16 @@ class RewardEngine:
         """Raw rewards of items of one group (see `ScoreItem.group`), in one call of the model's scoring function."""
         device = self.pipe._execution_device
 
-        def stacked(name: str) -> torch.Tensor:
-            return torch.stack([getattr(item, name) for item in items]).to(device)
+        def stacked(name: str) -> torch.Tensor | None:
+            value = _stacked([getattr(item, name) for item in items])
+            return None if value is None else value.to(device)
 
         with torch.no_grad():
             out = self.pipe.reward_model.score_clean(
                 stacked("latent"),
                 stacked("prompt_embeds"),
                 stacked("pooled"),
+                stacked("mask"),
                 noise=stacked("noise"),
                 noise_level=items[0].noise_level,
             )
@@ -208,6 +251,11 @@ class RewardEngine:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+
+
+def _stacked(rows: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Rows of one group's optional tensor (all given or all `None`, see `ScoreItem.group`) as one batch."""
+    return None if rows[0] is None else torch.stack(rows)
 
 
 __all__ = ["RewardEngine", "ScoreItem"]

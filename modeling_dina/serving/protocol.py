@@ -7,17 +7,19 @@ is a safetensors file holding
 |---|---|---|
 | `latents` | `(B, C, h, w)` clean VAE latents (shifted and scaled) | float |
 | `prompt_embeds` | `(B, L, D)` | float |
-| `pooled_prompt_embeds` | `(B, P)` | float |
+| `pooled_prompt_embeds` (SD3, FLUX: required; others: absent) | `(B, P)` | float |
+| `encoder_attention_mask` (optional; Qwen-Image, Z-Image only) | `(B, L)`, true / 1 for real tokens | bool or int |
 | `u` | `(1,)` or `(B,)`, the noise level in [0, 1] | float32 |
 | `seeds` (optional) | `(B,)` | int64 |
 
-and the answer is `{"protocol_version": "1", "raw_scores": [B floats]}`.
+and the answer is `{"protocol_version": "1", "raw_scores": [B floats]}`. The prompt tensors are the family's encoding
+as `DiNaRewardPipeline.encode_prompts` gives it; a masked family without `encoder_attention_mask` reads every token.
 
 Noise rule: with `seeds`, sample i is noised with
 `torch.randn(latents[i:i+1].shape, generator=torch.Generator("cpu").manual_seed(seeds[i]))` (fp32, then moved and
-cast), so `pipe(latents=..., prompt_embeds=..., pooled_prompt_embeds=..., noise=that, noise_level=u)` reproduces a
-served score in process. Without `seeds`, the pipeline's deterministic default for the request
-(`DiNaRewardPipeline.default_noise`), or a fresh draw per request when the server runs with `--random-noise`.
+cast), so `pipe(latents=..., prompt_embeds=..., pooled_prompt_embeds=..., prompt_embeds_mask=..., noise=that,
+noise_level=u)` reproduces a served score in process. Without `seeds`, the pipeline's deterministic default for the
+request (`DiNaRewardPipeline.default_noise`), or a fresh draw per request when the server runs with `--random-noise`.
 
 Every malformed request raises `RequestError`, which the app answers with a 4xx JSON error naming the field.
 """
@@ -36,8 +38,8 @@ from safetensors.torch import load as load_tensors
 
 PROTOCOL_VERSION = "1"
 PROTOCOL_HEADER = "x-drm-protocol-version"
-REQUIRED_TENSORS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "u")
-OPTIONAL_TENSORS = ("seeds",)
+REQUIRED_TENSORS = ("latents", "prompt_embeds", "u")  # and `pooled_prompt_embeds` where the family has one
+OPTIONAL_TENSORS = ("pooled_prompt_embeds", "encoder_attention_mask", "seeds")
 # Pillow refuses larger images anyway; a smaller cap keeps one request from taking the server's memory.
 MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -62,6 +64,8 @@ class ModelSpec:
     max_latent_side: int | None
     text_width: int | None
     pooled_width: int | None
+    uses_pooled: bool = True  # the family reads a pooled prompt vector (SD3, FLUX)
+    uses_mask: bool = False  # the family masks padded prompt tokens (Qwen-Image, Z-Image)
 
     @classmethod
     def from_model(cls, model) -> ModelSpec:
@@ -74,18 +78,22 @@ class ModelSpec:
             max_latent_side=max_patches * backbone.patch_size if max_patches else None,
             text_width=text_width,
             pooled_width=pooled_width,
+            uses_pooled=backbone.uses_pooled,
+            uses_mask=backbone.uses_text_mask,
         )
 
 
 @dataclass
 class LatentRequest:
-    """A validated DRM request: fp32 CPU tensors, `u` of shape `(B,)`, `seeds` `(B,)` or None."""
+    """A validated DRM request: fp32 CPU tensors (the mask bool), `u` of shape `(B,)`, `seeds` `(B,)` or None;
+    `pooled_prompt_embeds` only for families with a pooled vector, `encoder_attention_mask` only when sent."""
 
     latents: torch.Tensor
     prompt_embeds: torch.Tensor
-    pooled_prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor | None
     u: torch.Tensor
     seeds: torch.Tensor | None
+    encoder_attention_mask: torch.Tensor | None = None
 
 
 def check_protocol_version(value: str | None) -> None:
@@ -101,9 +109,10 @@ def parse_drm_body(body: bytes, spec: ModelSpec) -> LatentRequest:
         tensors = load_tensors(body)
     except (SafetensorError, ValueError, OverflowError) as err:
         raise RequestError("body", f"the body is not a safetensors file ({err}).", 400) from err
-    missing = [name for name in REQUIRED_TENSORS if name not in tensors]
+    required = (*REQUIRED_TENSORS, "pooled_prompt_embeds") if spec.uses_pooled else REQUIRED_TENSORS
+    missing = [name for name in required if name not in tensors]
     if missing:
-        raise RequestError(missing[0], f"missing tensor `{missing[0]}` (required: {', '.join(REQUIRED_TENSORS)}).")
+        raise RequestError(missing[0], f"missing tensor `{missing[0]}` (required: {', '.join(required)}).")
     unknown = sorted(set(tensors) - set(REQUIRED_TENSORS) - set(OPTIONAL_TENSORS))
     if unknown:
         raise RequestError(unknown[0], f"unexpected tensor `{unknown[0]}`.")
@@ -113,15 +122,18 @@ def parse_drm_body(body: bytes, spec: ModelSpec) -> LatentRequest:
         raise RequestError("latents", "`latents` holds no sample (batch size 0).")
     check_latents(latents, spec)
     embeds = _float_tensor(tensors, "prompt_embeds", 3)
-    pooled = _float_tensor(tensors, "pooled_prompt_embeds", 2)
+    pooled = _pooled(tensors, spec)
     for name, value, width in (
         ("prompt_embeds", embeds, spec.text_width),
         ("pooled_prompt_embeds", pooled, spec.pooled_width),
     ):
+        if value is None:
+            continue
         if value.shape[0] != batch:
             raise RequestError(name, f"`{name}` has {value.shape[0]} rows for {batch} latents.")
         if width is not None and value.shape[-1] != width:
             raise RequestError(name, f"`{name}` has width {value.shape[-1]}; the model reads {width}.")
+    mask = _mask(tensors, spec, tuple(embeds.shape[:2]))
     u = _float_tensor(tensors, "u", 1)
     if u.shape[0] not in (1, batch):
         raise RequestError("u", f"`u` has {u.shape[0]} values for {batch} latents: give 1 or {batch}.")
@@ -133,7 +145,34 @@ def parse_drm_body(body: bytes, spec: ModelSpec) -> LatentRequest:
             raise RequestError("seeds", f"`seeds` must be int64 of shape [B], got {seeds.dtype} {list(seeds.shape)}.")
         if seeds.shape[0] != batch:
             raise RequestError("seeds", f"`seeds` has {seeds.shape[0]} values for {batch} latents.")
-    return LatentRequest(latents, embeds, pooled, u.expand(batch).clone(), seeds)
+    return LatentRequest(latents, embeds, pooled, u.expand(batch).clone(), seeds, mask)
+
+
+def _pooled(tensors: dict, spec: ModelSpec) -> torch.Tensor | None:
+    """The pooled vector where the family reads one (its presence was checked); refused where it reads none, as the
+    pipeline refuses it, rather than silently dropped."""
+    if spec.uses_pooled:
+        return _float_tensor(tensors, "pooled_prompt_embeds", 2)
+    if "pooled_prompt_embeds" in tensors:
+        raise RequestError("pooled_prompt_embeds", "this model reads no pooled prompt embedding: drop the tensor.")
+    return None
+
+
+def _mask(tensors: dict, spec: ModelSpec, shape: tuple[int, int]) -> torch.Tensor | None:
+    """`encoder_attention_mask` as bool `(B, L)` (`shape`, that of `prompt_embeds`): bool, or integers 0 / 1."""
+    name = "encoder_attention_mask"
+    mask = tensors.get(name)
+    if mask is None:
+        return None
+    if not spec.uses_mask:
+        raise RequestError(name, f"this model attends to every prompt token: it takes no `{name}`.")
+    if mask.is_floating_point() or mask.is_complex():
+        raise RequestError(name, f"`{name}` must be bool or integer (1 for real tokens), got {mask.dtype}.")
+    if tuple(mask.shape) != shape:
+        raise RequestError(name, f"`{name}` has shape {list(mask.shape)}; `prompt_embeds` make it {list(shape)}.")
+    if mask.dtype != torch.bool and ((mask != 0) & (mask != 1)).any():
+        raise RequestError(name, f"`{name}` must hold 0 or 1 (1 for real tokens).")
+    return mask.bool()
 
 
 def check_latents(latents: torch.Tensor, spec: ModelSpec, field: str = "latents") -> None:
