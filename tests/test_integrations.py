@@ -2,6 +2,7 @@
 in-process reward function's, the LoRA fast path and the pipeline's default noise."""
 
 import asyncio
+import shutil
 
 import httpx
 import numpy as np
@@ -169,3 +170,14 @@ def test_default_noise_is_what_the_pipeline_draws(tiny_reward_pipe):
     text = tiny_reward_pipe.default_noise(latents, prompt=["a cat", "a dog", "a cat"])
     prompted = dict(prompt=["a cat", "a dog", "a cat"], latents=latents, noise_level=0.4)
     assert torch.equal(tiny_reward_pipe(**prompted).rewards, tiny_reward_pipe(**prompted, noise=text).rewards)
+
+
+def test_verl_omni_shared_model_follows_the_environment_variable(monkeypatch, tiny_dina_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dina_dir, other)
+    monkeypatch.setattr(verl_omni, "_models", {})
+    monkeypatch.setenv(MODEL_ENV, tiny_dina_dir)
+    first = verl_omni._shared_model(None, "cpu")
+    assert verl_omni._shared_model(None, "cpu") is first
+    monkeypatch.setenv(MODEL_ENV, str(other))
+    assert verl_omni._shared_model(None, "cpu") is not first

@@ -22,7 +22,7 @@ import threading
 import PIL.Image
 import torch
 
-from . import load_scoring_pipeline
+from . import MODEL_ENV, load_scoring_pipeline, resolve_setting
 
 _models: dict[tuple, DiNaVerlReward] = {}
 _models_lock = threading.Lock()
@@ -133,6 +133,8 @@ async def compute_score(
 
 
 def _shared_model(model_path, device) -> DiNaVerlReward:
+    # Keyed by the resolved path: a change of `DINA_REWARD_MODEL` within a process loads the new model.
+    model_path = resolve_setting(model_path, MODEL_ENV, "reward model")
     key = (model_path, str(device))
     with _models_lock:
         if key not in _models:
