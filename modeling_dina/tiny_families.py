@@ -18,8 +18,16 @@ from diffusers import (
     ZImagePipeline,
     ZImageTransformer2DModel,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3Config,
+    Qwen3Model,
+)
 
 from .tiny_sd3 import _t5_encoder, make_word_tokenizer
 
@@ -29,6 +37,7 @@ __all__ = [
     "build_tiny_pipeline",
     "build_tiny_transformer",
     "make_chat_tokenizer",
+    "make_qwen_vl_tokenizer",
     "tiny_vae",
 ]
 
@@ -124,6 +133,48 @@ def make_chat_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def make_qwen_vl_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """`make_chat_tokenizer` over `words` and the words of the installed diffusers' Qwen-Image system template, with
+    a newline as a token of its own (as in the real Qwen2.5 tokenizer): the template's prefix then tokenizes to exactly
+    `prompt_template_encode_start_idx` tokens, so that `QwenImagePipeline` drops the template and nothing else."""
+    # The template is set in `QwenImagePipeline.__init__`: read off a pipeline without components.
+    template = QwenImagePipeline(None, None, None, None, None).prompt_template_encode
+    for marker in ("<|im_start|>", "<|im_end|>", "{}"):
+        template = template.replace(marker, " ")
+    template_words = [word for word, _ in pre_tokenizers.Whitespace().pre_tokenize_str(template)]
+    tokenizer = make_chat_tokenizer([*words, *template_words])
+    tokenizer.add_tokens([AddedToken("\n", normalized=False)])
+    return tokenizer
+
+
+def _qwen_vl_encoder(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLForConditionalGeneration:
+    """A one-layer Qwen2.5-VL of Qwen-Image's tiny prompt width (32: heads of 16, so multimodal rotary sections
+    summing to 8), with a one-block vision tower that prompts never reach."""
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_PROMPT_WIDTHS["qwenimage"],
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=TINY_PROMPT_WIDTHS["qwenimage"],
+        patch_size=2,
+        window_size=8,
+        fullatt_block_indexes=[0],
+    )
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+
+
 def tiny_vae(family: str):
     """A 4-channel VAE of the family's kind, 2 pixels per latent cell."""
     if family == "qwenimage":
@@ -149,7 +200,7 @@ def tiny_vae(family: str):
 
 def _tiny_text_components(family: str, words: list[str]) -> dict:
     """FLUX: CLIP-L-like (pooled width 16, 16 tokens) + T5 (width 32); Z-Image: Qwen3 (width 24, chat template);
-    Qwen-Image: none (its Qwen2.5-VL encoder is not built: prompts enter as embeddings + mask)."""
+    Qwen-Image: Qwen2.5-VL (width 32, the pipeline's system template)."""
     if family == "flux":
         clip_tokenizer, t5_tokenizer = make_word_tokenizer(words, 16, "clip"), make_word_tokenizer(words, 64, "t5")
         clip = CLIPTextModel(
@@ -179,19 +230,23 @@ def _tiny_text_components(family: str, words: list[str]) -> dict:
             head_dim=8,
         )
         return {"text_encoder": Qwen3Model(config).eval(), "tokenizer": tokenizer}
-    return {"text_encoder": None, "tokenizer": None}
+    tokenizer = make_qwen_vl_tokenizer(words)
+    return {"text_encoder": _qwen_vl_encoder(tokenizer), "tokenizer": tokenizer}
 
 
-def build_tiny_pipeline(family: str, words: Iterable[str] = (), seed: int = 0):
+def build_tiny_pipeline(family: str, words: Iterable[str] = (), seed: int = 0, *, text_encoders: bool = True):
     """A tiny generator pipeline of `family` (`FluxPipeline`, `QwenImagePipeline` or `ZImagePipeline`) on
     `build_tiny_transformer(family, seed)`, with a seeded 4-channel VAE (2 pixels per latent cell) and text encoders
-    whose vocabulary is `words`; Qwen-Image has no text encoder (see `_tiny_text_components`)."""
+    whose vocabulary is `words` (see `_tiny_text_components`); `text_encoders=False` leaves them out, as a pipeline
+    saved without them, whose prompts can only enter as embeddings."""
     pipeline_class = {"flux": FluxPipeline, "qwenimage": QwenImagePipeline, "zimage": ZImagePipeline}[family]
     transformer = build_tiny_transformer(family, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = tiny_vae(family)
         text = _tiny_text_components(family, sorted({w.lower() for w in words} | {"a"}))
+    if not text_encoders:
+        text = dict.fromkeys(text)
     return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, transformer=transformer, **text
     )

@@ -11,7 +11,7 @@ from transformers import (
 )
 
 from modeling_dina.backbones import FluxBackbone, QwenImageBackbone, SD3Backbone, ZImageBackbone
-from modeling_dina.tiny_families import make_chat_tokenizer, tiny_vae
+from modeling_dina.tiny_families import build_tiny_pipeline, make_chat_tokenizer, tiny_vae
 from modeling_dina.tiny_sd3 import make_word_tokenizer
 
 WORDS = "a red cat on the mat blue dog".split()
@@ -74,6 +74,29 @@ def test_zimage_prompt_is_the_chat_templated_real_tokens_padded_with_a_mask():
             expected = encoder(input_ids=ids, output_hidden_states=True).hidden_states[-2][0]
             assert torch.allclose(out.embeds[i, :n], expected, atol=1e-5)
             assert not out.embeds[i, n:].any()
+
+
+def test_qwenimage_prompt_drops_the_system_template_and_pads_with_a_mask():
+    pipe = build_tiny_pipeline("qwenimage", WORDS)
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    template, drop = pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx
+    prefix = tokenizer(template.split("{}")[0]).input_ids
+    assert len(prefix) == drop and tokenizer.pad_token_id not in prefix  # the template's prefix, every word known
+    with torch.no_grad():
+        out = QwenImageBackbone.encode_prompt(pipe.components, PROMPTS, max_sequence_length=16)
+        embeds, mask = pipe.encode_prompt(PROMPTS, max_sequence_length=16)
+        assert out.embeds.shape == (2, 16, 32) and out.mask.dtype == torch.bool and out.pooled is None
+        length = embeds.shape[1]  # the pipeline's own: as long as the longest prompt
+        assert torch.equal(out.embeds[:, :length], embeds) and not out.embeds[:, length:].any()
+        assert torch.equal(out.mask[:, :length], mask.bool()) and not out.mask[:, length:].any()
+        for i, prompt in enumerate(PROMPTS):
+            ids = tokenizer(template.format(prompt), return_tensors="pt").input_ids
+            n = ids.shape[1] - drop
+            assert n == len(prompt.split()) + 5  # the prompt's words and `<|im_end|>\n<|im_start|>assistant\n`
+            assert tokenizer.convert_ids_to_tokens(int(ids[0, drop])) == prompt.split()[0]
+            assert out.mask[i].tolist() == [True] * n + [False] * (16 - n)
+            expected = encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, drop:]
+            torch.testing.assert_close(out.embeds[i, :n], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_latent_normalisation_per_family():

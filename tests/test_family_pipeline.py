@@ -1,10 +1,6 @@
 """`DiNaRewardPipeline` on tiny FLUX.1, Qwen-Image and Z-Image generators built locally: the family's prompt encoding,
 VAE convention and geometry, images / latents / prompt embeddings scored alike, the generators' packed latents,
-`from_pipe` sharing without copies, the alignment reward and the served model spec.
-
-Qwen-Image's Qwen2.5-VL text encoder is not built (a tiny vision-language model is out of proportion here): its
-prompts enter as embeddings + mask; its prompt encoding itself is `QwenImagePipeline.encode_prompt`, padded (see
-`QwenImageBackbone.encode_prompt`)."""
+`from_pipe` sharing without copies, the alignment reward and the served model spec."""
 
 import diffusers
 import pytest
@@ -13,7 +9,7 @@ import torch
 from modeling_dina import DiNaRewardModel, DiNaRewardPipeline
 from modeling_dina.alignment.reward_fns import DiNaLatentReward
 from modeling_dina.serving.protocol import ModelSpec
-from modeling_dina.tiny_families import TINY_FAMILY_DINA, TINY_PROMPT_WIDTHS, build_tiny_pipeline
+from modeling_dina.tiny_families import TINY_FAMILY_DINA, build_tiny_pipeline
 
 FAMILIES = ["flux", "qwenimage", "zimage"]
 PROMPTS = ["a red cat", "a blue dog on the mat"]  # of different lengths: masks differ
@@ -27,20 +23,14 @@ def reward_pipe(family):
     return generator, DiNaRewardPipeline.from_pipe(generator, reward_model=model)
 
 
-def prompt_inputs(pipe, family) -> dict:
-    """The prompt arguments of `__call__` as embeddings: encoded by the pipeline, or for Qwen-Image (no text encoder)
-    random states with the second prompt shorter."""
-    if family != "qwenimage":
-        encoded = pipe.encode_prompts(PROMPTS)
-        return {
-            "prompt_embeds": encoded.embeds,
-            "pooled_prompt_embeds": encoded.pooled,
-            "prompt_embeds_mask": encoded.mask,
-        }
-    embeds = torch.randn(2, TINY_FAMILY_DINA["max_sequence_length"], TINY_PROMPT_WIDTHS[family])
-    mask = torch.ones(embeds.shape[:2], dtype=torch.bool)
-    mask[1, 5:] = False
-    return {"prompt_embeds": embeds * mask[..., None], "prompt_embeds_mask": mask}
+def prompt_inputs(pipe) -> dict:
+    """The prompt arguments of `__call__` as embeddings, encoded by the pipeline."""
+    encoded = pipe.encode_prompts(PROMPTS)
+    return {
+        "prompt_embeds": encoded.embeds,
+        "pooled_prompt_embeds": encoded.pooled,
+        "prompt_embeds_mask": encoded.mask,
+    }
 
 
 def latents_by_hand(vae, family, images):
@@ -69,7 +59,7 @@ def test_from_pipe_shares_the_generator_without_copies(family):
         assert pipe.components[name] is getattr(generator, name)
 
 
-@pytest.mark.parametrize("family", ["flux", "zimage"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_from_pretrained_loads_the_family_base(family, tmp_path):
     generator = build_tiny_pipeline(family, " ".join(PROMPTS).split())
     generator.save_pretrained(tmp_path / "base")
@@ -98,17 +88,18 @@ def test_images_latents_and_prompt_embeds_score_alike(family):
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     latents = latents_by_hand(pipe.vae, family, images)
     torch.testing.assert_close(pipe.encode_images(images), latents, atol=1e-5, rtol=1e-5)
-    prompts = prompt_inputs(pipe, family)
-    text = {"prompt": PROMPTS} if family != "qwenimage" else prompts
+    prompts = prompt_inputs(pipe)
 
-    from_images = pipe(**text, images=images, noise_level=LEVEL).rewards
-    from_latents = pipe(**text, latents=latents, noise_level=LEVEL).rewards
+    from_images = pipe(PROMPTS, images=images, noise_level=LEVEL).rewards
+    from_latents = pipe(PROMPTS, latents=latents, noise_level=LEVEL).rewards  # the same default noise
     torch.testing.assert_close(from_images, from_latents, atol=1e-5, rtol=1e-5)
 
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
     from_embeds = pipe(**prompts, latents=latents, noise=noise, noise_level=LEVEL).rewards
-    from_text = pipe(**text, latents=latents, noise=noise, noise_level=LEVEL).rewards
+    from_text = pipe(PROMPTS, latents=latents, noise=noise, noise_level=LEVEL).rewards
     torch.testing.assert_close(from_embeds, from_text)
+    from_images = pipe(PROMPTS, images=images, noise=noise, noise_level=LEVEL).rewards
+    torch.testing.assert_close(from_images, from_embeds, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         direct = pipe.reward_model.score_clean(
             latents,
@@ -125,7 +116,8 @@ def test_images_latents_and_prompt_embeds_score_alike(family):
 @pytest.mark.parametrize("family", ["qwenimage", "zimage"])
 def test_the_prompt_mask_reaches_the_model(family):
     _, pipe = reward_pipe(family)
-    prompts = prompt_inputs(pipe, family)
+    prompts = prompt_inputs(pipe)
+    assert not prompts["prompt_embeds_mask"].all()  # the shorter prompt is padded
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
     scored = pipe(**prompts, latents=latents, noise=noise, noise_level=LEVEL).rewards
@@ -140,13 +132,7 @@ def test_the_prompt_mask_reaches_the_model(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generator_latents_are_scored_after_unpacking(family):
     generator, pipe = reward_pipe(family)
-    prompt = {"prompt": PROMPTS[0]} if family != "qwenimage" else {}
-    if family == "qwenimage":
-        prompts = prompt_inputs(pipe, family)
-        prompt = {
-            "prompt_embeds": prompts["prompt_embeds"][:1],
-            "prompt_embeds_mask": prompts["prompt_embeds_mask"][:1],
-        }
+    prompt = {"prompt": PROMPTS[0]}
     out = generator(
         **prompt,
         height=32,
@@ -189,8 +175,10 @@ def test_family_prompt_inputs_are_checked():
         qwen(prompt_embeds=torch.randn(1, 16, 32), pooled_prompt_embeds=torch.randn(1, 16), latents=latents)
     with pytest.raises(ValueError, match="width 24; the reward model expects 32"):
         qwen(prompt_embeds=torch.randn(1, 16, 24), latents=latents)
+    without_encoders = build_tiny_pipeline("qwenimage", text_encoders=False)
+    bare = DiNaRewardPipeline.from_pipe(without_encoders, reward_model=qwen.reward_model)
     with pytest.raises(ValueError, match=r"missing \['text_encoder', 'tokenizer'\]"):
-        qwen(prompt="a red cat", latents=latents)
+        bare(prompt="a red cat", latents=latents)
     with pytest.raises(ValueError, match="`prompt_embeds_mask` covers 12 tokens; `prompt_embeds` have 16"):
         qwen(
             prompt_embeds=torch.randn(1, 16, 32),
@@ -204,7 +192,7 @@ def test_family_prompt_inputs_are_checked():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_alignment_reward_is_differentiable_per_family(family):
     _, pipe = reward_pipe(family)
-    prompts = prompt_inputs(pipe, family)
+    prompts = prompt_inputs(pipe)
     reward = DiNaLatentReward(pipe.reward_model, noise_level=LEVEL)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(6))

@@ -1,7 +1,6 @@
-"""`dina cache` + `dina train` per family on tiny FLUX.1 and Z-Image generators saved locally: the cache holds the
-family's own prompt encoding (pooled for FLUX, the mask of real tokens for Z-Image) and VAE latents, and a few
-training steps lower the loss. Qwen-Image (no tiny text encoder, see `tests/test_family_pipeline.py`) trains on
-VAE latents from the reward pipeline with prompt embeddings + mask given directly."""
+"""`dina cache` + `dina train` per family on tiny FLUX.1, Qwen-Image and Z-Image generators saved locally: the cache
+holds the family's own prompt encoding (pooled for FLUX, the mask of real tokens for Qwen-Image and Z-Image) and VAE
+latents, and a few training steps lower the loss."""
 
 import io
 import random
@@ -13,9 +12,9 @@ import transformers
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
-from modeling_dina import DiNaRewardModel, DiNaRewardPipeline
+from modeling_dina import DiNaRewardModel
 from modeling_dina.backbones import backbone_for_pipeline
-from modeling_dina.tiny_families import TINY_FAMILY_DINA, TINY_PROMPT_WIDTHS, build_tiny_pipeline
+from modeling_dina.tiny_families import TINY_FAMILY_DINA, build_tiny_pipeline
 from modeling_dina.training import DiNaTrainer, DiNaTrainingArguments, cache_preference_dataset
 from modeling_dina.training.encoders import image_to_pixels
 
@@ -81,7 +80,7 @@ def assert_learned(before: dict, after: dict) -> None:
     assert after["eval_accuracy_ensemble"] >= 0.75, after
 
 
-@pytest.mark.parametrize("family", ["flux", "zimage"])
+@pytest.mark.parametrize("family", ["flux", "qwenimage", "zimage"])
 def test_cache_holds_the_family_encoding_and_training_lowers_the_loss(family, tmp_path):
     generator = build_tiny_pipeline(family, WORDS)
     generator.save_pretrained(tmp_path / "base")
@@ -110,27 +109,3 @@ def test_cache_holds_the_family_encoding_and_training_lowers_the_loss(family, tm
     torch.manual_seed(0)
     model = DiNaRewardModel.from_base(generator.transformer, **TINY_FAMILY_DINA)
     assert_learned(*train_and_evaluate(model, cached, tmp_path / "out"))
-
-
-def test_qwenimage_trains_on_prompt_embeddings_with_a_mask(tmp_path):
-    generator = build_tiny_pipeline("qwenimage")
-    torch.manual_seed(0)
-    model = DiNaRewardModel.from_base(generator.transformer, **TINY_FAMILY_DINA)
-    pipe = DiNaRewardPipeline.from_pipe(generator, reward_model=model)
-    pairs = make_pairs(8).cast_column("chosen", Image()).cast_column("rejected", Image())
-    with torch.no_grad():
-        chosen, rejected = (pipe.encode_images(list(pairs[side]), size=(32, 32)) for side in ("chosen", "rejected"))
-    g = torch.Generator().manual_seed(0)
-    embeds = torch.randn(len(pairs), MAX_LENGTH, TINY_PROMPT_WIDTHS["qwenimage"], generator=g)
-    mask = torch.arange(MAX_LENGTH) < torch.randint(3, MAX_LENGTH, (len(pairs), 1), generator=g)
-    dataset = [
-        {
-            "chosen_latents": chosen[i],
-            "rejected_latents": rejected[i],
-            "prompt_embeds": embeds[i] * mask[i, :, None],
-            "prompt_embeds_mask": mask[i],
-            "label": 1.0,
-        }
-        for i in range(len(pairs))
-    ]
-    assert_learned(*train_and_evaluate(model, dataset, tmp_path / "out"))

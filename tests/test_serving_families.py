@@ -2,10 +2,7 @@
 and the prompt mask against in-process scores under the seed rule, the image route with the family's own prompt
 encoding, the family-specific 4xx, items with and without a mask batched apart; the app in process (Starlette's test
 client, lifespan included), then one real loopback server (Z-Image) through `DiNaRemoteReward`, and the framework
-adapters fed a masked family's encoding.
-
-Qwen-Image has no tiny text encoder (see `tests/test_family_pipeline.py`): its prompts enter as embeddings + mask, and
-its image route answers 501."""
+adapters fed a masked family's encoding; and the image route of a model saved without text encoders (501)."""
 
 import asyncio
 import base64
@@ -28,31 +25,49 @@ from modeling_dina.serving.batching import MicroBatcher
 from modeling_dina.serving.client import DiNaRemoteReward, drm_payload
 from modeling_dina.serving.engine import RewardEngine
 from modeling_dina.serving.protocol import parse_drm_body
-from modeling_dina.tiny_families import TINY_FAMILY_DINA, TINY_PROMPT_WIDTHS, build_tiny_pipeline
+from modeling_dina.tiny_families import TINY_FAMILY_DINA, build_tiny_pipeline
 
 FAMILIES = ["flux", "qwenimage", "zimage"]
 PROMPTS = ["a red cat", "a blue dog on the mat"]  # of different lengths: masks differ
 HEADERS = {"content-type": "application/octet-stream", "x-drm-protocol-version": "1"}
 
 
+def save_dina(root, base) -> str:
+    """A DiNa folder on the generator `base` (saved under `root`), trainable weights perturbed (seeded) as in
+    `conftest.py`, so rewards depend on the latent and the prompt."""
+    base.save_pretrained(root / "base")
+    torch.manual_seed(0)
+    model = DiNaRewardModel.from_base(str(root / "base"), **TINY_FAMILY_DINA)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(root / "dina")
+    return str(root / "dina")
+
+
+def serve_in_process(stack: contextlib.ExitStack, folder: str) -> TestClient:
+    """A `TestClient` over the served app (engine + micro-batcher, as `dina serve` builds it), once healthy."""
+    engine = RewardEngine(folder)
+    # Entering runs the lifespan: the batcher starts, the engine loads in the background.
+    client = stack.enter_context(TestClient(create_app(engine, MicroBatcher(engine, 8, 20))))
+    deadline = time.monotonic() + 120
+    while client.get("/healthz").status_code != 200:
+        assert time.monotonic() < deadline and engine.load_error is None, engine.load_error
+        time.sleep(0.1)
+    client.engine = engine  # for the tests that drive the engine directly
+    return client
+
+
 @pytest.fixture(scope="module")
 def dina_dirs(tmp_path_factory):
-    """`{family: saved DiNa folder}` on each tiny base, trainable weights perturbed (seeded) as in `conftest.py`, so
-    rewards depend on the latent and the prompt."""
-    dirs = {}
-    for family in FAMILIES:
-        root = tmp_path_factory.mktemp(f"serve_{family}")
-        build_tiny_pipeline(family, " ".join(PROMPTS).split()).save_pretrained(root / "base")
-        torch.manual_seed(0)
-        model = DiNaRewardModel.from_base(str(root / "base"), **TINY_FAMILY_DINA)
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.add_(0.3 * torch.randn(param.shape, generator=generator))
-        model.save_pretrained(root / "dina")
-        dirs[family] = str(root / "dina")
-    return dirs
+    """`{family: saved DiNa folder}` on each tiny base (see `save_dina`)."""
+    words = " ".join(PROMPTS).split()
+    return {
+        family: save_dina(tmp_path_factory.mktemp(f"serve_{family}"), build_tiny_pipeline(family, words))
+        for family in FAMILIES
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,33 +81,15 @@ def pipes(dina_dirs):
 
 @pytest.fixture(scope="module")
 def clients(dina_dirs):
-    """`{family: TestClient}` over the served app (engine + micro-batcher, as `dina serve` builds it), once healthy."""
-    opened = {}
+    """`{family: TestClient}` over each family's served app (see `serve_in_process`)."""
     with contextlib.ExitStack() as stack:
-        for family, folder in dina_dirs.items():
-            engine = RewardEngine(folder)
-            # Entering runs the lifespan: the batcher starts, the engine loads in the background.
-            client = stack.enter_context(TestClient(create_app(engine, MicroBatcher(engine, 8, 20))))
-            deadline = time.monotonic() + 120
-            while client.get("/healthz").status_code != 200:
-                assert time.monotonic() < deadline and engine.load_error is None, engine.load_error
-                time.sleep(0.1)
-            client.engine = engine  # for the tests that drive the engine directly
-            opened[family] = client
-        yield opened
+        yield {family: serve_in_process(stack, folder) for family, folder in dina_dirs.items()}
 
 
-def prompt_encoding(pipe, family):
-    """`(embeds, pooled or None, mask or None)` of PROMPTS as the family encodes them; Qwen-Image (no text encoder):
-    random states, the second prompt shorter."""
-    if family != "qwenimage":
-        encoded = pipe.encode_prompts(PROMPTS)
-        return encoded.embeds, encoded.pooled, encoded.mask
-    shape = (2, TINY_FAMILY_DINA["max_sequence_length"], TINY_PROMPT_WIDTHS[family])
-    embeds = torch.randn(shape, generator=torch.Generator().manual_seed(7))
-    mask = torch.ones(embeds.shape[:2], dtype=torch.bool)
-    mask[1, 5:] = False
-    return embeds * mask[..., None], None, mask
+def prompt_encoding(pipe):
+    """`(embeds, pooled or None, mask or None)` of PROMPTS as the family encodes them."""
+    encoded = pipe.encode_prompts(PROMPTS)
+    return encoded.embeds, encoded.pooled, encoded.mask
 
 
 def seed_rule(latents, seeds):
@@ -111,7 +108,7 @@ def post_drm(client, *args, **kwargs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_drm_v1_equals_in_process_under_the_seed_rule(family, clients, pipes):
     client, pipe = clients[family], pipes[family]
-    embeds, pooled, mask = prompt_encoding(pipe, family)
+    embeds, pooled, mask = prompt_encoding(pipe)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     noise = seed_rule(latents, [11, 12])
     masks = [mask, None] if mask is not None else [None]  # a masked family may leave the mask out (every token real)
@@ -128,7 +125,7 @@ def test_drm_v1_equals_in_process_under_the_seed_rule(family, clients, pipes):
         assert (served - pipe(**local_args, noise_level=0.4).rewards).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["flux", "zimage"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_image_route_encodes_prompts_as_the_pipeline(family, clients, pipes):
     images = (np.random.default_rng(0).random((2, 32, 32, 3)) * 255).astype(np.uint8)
     local = pipes[family](PROMPTS, images=[PIL.Image.fromarray(i) for i in images]).rewards
@@ -138,9 +135,12 @@ def test_image_route_encodes_prompts_as_the_pipeline(family, clients, pipes):
     assert clients[family].get("/healthz").json()["cached_prompts"] == 2
 
 
-def test_image_route_without_text_encoders_says_so(clients):
+def test_image_route_without_text_encoders_says_so(tmp_path):
+    folder = save_dina(tmp_path, build_tiny_pipeline("qwenimage", text_encoders=False))
     image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
-    answer = clients["qwenimage"].post("/v1/score_images", json={"prompt": PROMPTS[0], "images": [_png(image)]})
+    with contextlib.ExitStack() as stack:
+        client = serve_in_process(stack, folder)
+        answer = client.post("/v1/score_images", json={"prompt": PROMPTS[0], "images": [_png(image)]})
     assert answer.status_code == 501 and answer.json()["error"]["field"] == "prompts", answer.text
     assert "/v1/score" in answer.json()["error"]["message"]
 
@@ -158,7 +158,7 @@ def _drm_body(**tensors) -> bytes:
 @pytest.mark.parametrize("family", ["flux", "qwenimage"])
 def test_family_prompt_tensors_get_their_4xx(family, clients, pipes):
     client = clients[family]
-    embeds, pooled, mask = prompt_encoding(pipes[family], family)
+    embeds, pooled, mask = prompt_encoding(pipes[family])
     base = dict(latents=torch.randn(2, 4, 16, 16), prompt_embeds=embeds, pooled_prompt_embeds=pooled, u=torch.ones(1))
     if family == "flux":
         cases = [
@@ -184,7 +184,7 @@ def test_family_prompt_tensors_get_their_4xx(family, clients, pipes):
 
 def test_items_with_and_without_a_mask_batch_apart(clients, pipes):
     engine = clients["zimage"].engine
-    embeds, _, mask = prompt_encoding(pipes["zimage"], "zimage")
+    embeds, _, mask = prompt_encoding(pipes["zimage"])
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     with_mask = engine.latent_items(parse_drm_body(drm_payload(latents, embeds, None, 0.4, [1, 2], mask), engine.spec))
     without = engine.latent_items(parse_drm_body(drm_payload(latents, embeds, None, 0.4, [1, 2]), engine.spec))
@@ -199,7 +199,7 @@ def test_items_with_and_without_a_mask_batch_apart(clients, pipes):
 def test_a_masked_family_over_a_loopback_server(start_server, dina_dirs, pipes):
     _, url = start_server(dina_dirs["zimage"])
     pipe = pipes["zimage"]
-    embeds, _, mask = prompt_encoding(pipe, "zimage")
+    embeds, _, mask = prompt_encoding(pipe)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     remote = DiNaRemoteReward(url)
     served = remote.score_latents(latents, embeds, None, 0.4, [5, 6], encoder_attention_mask=mask)
@@ -220,7 +220,7 @@ def test_a_masked_family_over_a_loopback_server(start_server, dina_dirs, pipes):
 def test_adapters_take_a_masked_family_encoding(monkeypatch, dina_dirs, pipes):
     pipe = pipes["zimage"]
     monkeypatch.setenv(MODEL_ENV, dina_dirs["zimage"])
-    embeds, _, mask = prompt_encoding(pipe, "zimage")
+    embeds, _, mask = prompt_encoding(pipe)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
     fn = flow_grpo.dina_latent_score("cpu")
     expected, _ = fn(latents, PROMPTS, [{}, {}])  # the pipeline encodes the prompts
