@@ -28,7 +28,7 @@ from modeling_dina.alignment import (
     sde_step,
 )
 from modeling_dina.alignment.cli import add_align_parser, run_align
-from modeling_dina.alignment.common import ParameterEMA, RewardMeter, pretrain_loss
+from modeling_dina.alignment.common import ParameterEMA, RewardMeter, pretrain_loss, velocity_errors
 from modeling_dina.alignment.dpo import dpo_loss
 from modeling_dina.alignment.loop import _prepare
 from modeling_dina.alignment.refl import refl_step
@@ -509,7 +509,34 @@ def test_recipe_config_validation():
         AlignmentConfig(method="grpo", pretrain_weight=1.0)
 
 
-def test_raft_fits_the_best_candidate_of_each_group(tiny_sd3_dir, tmp_path, monkeypatch):
+def test_guided_velocity_errors_by_hand(tiny_sd3_dir, tmp_path):
+    """`fit_guided`: the error of `u + g (c - u)` (per-sample timesteps), the velocity the CFG sampler follows."""
+    pipe = load_pipe(tiny_sd3_dir)
+    cfg = config(tmp_path, "guided", guidance_scale=3.0, max_sequence_length=16)
+    ctx = _prepare(pipe, lambda *a: None, cfg)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    sigma = torch.tensor([0.3, 0.8])
+    cond = ctx.encode(PROMPTS[:2])
+    with torch.no_grad():
+        errors = velocity_errors(ctx, x0, cond, sigma, noise, 3.0)
+        s = sigma.view(-1, 1, 1, 1)
+        x = (1 - s) * x0 + s * noise
+
+        def velocity(embeds, pooled):
+            return pipe.transformer(
+                hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds, pooled_projections=pooled
+            ).sample
+
+        u = velocity(cond.negative_prompt_embeds, cond.negative_pooled_prompt_embeds)
+        c = velocity(cond.prompt_embeds, cond.pooled_prompt_embeds)
+        conditional = velocity_errors(ctx, x0, cond, sigma, noise)
+    torch.testing.assert_close(errors, ((u + 3.0 * (c - u) - (noise - x0)) ** 2).mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(conditional, ((c - (noise - x0)) ** 2).mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("fit_guided", [False, True])
+def test_raft_fits_the_best_candidate_of_each_group(tiny_sd3_dir, tmp_path, monkeypatch, fit_guided):
     import modeling_dina.alignment.raft as raft
 
     pipe = load_pipe(tiny_sd3_dir)
@@ -519,16 +546,30 @@ def test_raft_fits_the_best_candidate_of_each_group(tiny_sd3_dir, tmp_path, monk
         seen["latents"] = latents.detach().clone()
         return latents.mean(dim=(1, 2, 3))
 
-    cfg = config(tmp_path, "raft", method="raft", steps=1, group_size=3, inner_epochs=2, max_sequence_length=16)
+    cfg = config(
+        tmp_path,
+        "raft",
+        method="raft",
+        steps=1,
+        group_size=3,
+        inner_epochs=2,
+        max_sequence_length=16,
+        fit_guided=fit_guided,
+    )
     ctx = _prepare(pipe, brightness, cfg)
+    fitted_scale = cfg.guidance_scale if fit_guided else 1.0
     fit, step = raft.flow_matching_loss, ctx.optimizer_step
-    monkeypatch.setattr(raft, "flow_matching_loss", lambda c, clean, p: calls.append((clean, p)) or fit(c, clean, p))
+    monkeypatch.setattr(
+        raft, "flow_matching_loss", lambda c, clean, p, g: calls.append((clean, p, g)) or fit(c, clean, p, g)
+    )
     monkeypatch.setattr(ctx, "optimizer_step", lambda: updates.append(1) or step())
     record = raft.raft_step(ctx, PROMPTS[:2], RewardMeter(torch.device("cpu")))
     rewards = seen["latents"].mean(dim=(1, 2, 3)).view(2, 3)
     expected = seen["latents"].view(2, 3, *seen["latents"].shape[1:])[torch.arange(2), rewards.argmax(dim=1)]
     assert len(calls) == 2 and len(updates) == 2  # one optimiser step per inner epoch
-    assert all(torch.equal(clean, expected) and prompts == PROMPTS[:2] for clean, prompts in calls)
+    assert all(
+        torch.equal(clean, expected) and prompts == PROMPTS[:2] and g == fitted_scale for clean, prompts, g in calls
+    )
     assert record["kept_reward_mean"] == pytest.approx(rewards.max(dim=1).values.mean().item())
     assert record["kept_reward_mean"] >= record["reward_mean"] and record["loss"] > 0
 
@@ -556,9 +597,9 @@ def test_dpo_pairs_each_groups_best_and_worst_against_the_base(tiny_sd3_dir, tmp
     ctx = _prepare(pipe, brightness, cfg)
     errors = dpo.velocity_errors
 
-    def recording(c, clean, cond, sigma, noise):
+    def recording(c, clean, cond, sigma, noise, scale):
         calls.append((clean, sigma, noise, torch.is_grad_enabled()))
-        return errors(c, clean, cond, sigma, noise)
+        return errors(c, clean, cond, sigma, noise, scale)
 
     monkeypatch.setattr(dpo, "velocity_errors", recording)
     before = {k: v.clone() for k, v in generator_lora_state_dict(pipe.transformer).items()}

@@ -12,7 +12,7 @@ from diffusers import StableDiffusion3Pipeline
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import AlignmentConfig
-from .sampling import PromptEmbeddings, encode_prompts
+from .sampling import PromptEmbeddings, encode_prompts, guided_velocity
 
 # `fn(batch_size, generator) -> (clean latents (B, C, H, W), prompts)`: real data for ReFL's flow-matching regulariser.
 PretrainData = Callable[[int, torch.Generator], tuple[torch.Tensor, list[str]]]
@@ -112,27 +112,27 @@ class RewardMeter:
         self.seconds += time.perf_counter() - start
 
 
-def velocity_errors(ctx: StepContext, clean: torch.Tensor, cond: PromptEmbeddings, sigma, noise) -> torch.Tensor:
-    """Per-sample mean squared error of the generator's conditional velocity (no guidance) against the rectified-flow
-    target `noise - x0` at `x_s = (1 - s) x0 + s noise` (SD3 convention), shape `(B,)`."""
-    transformer = ctx.pipe.transformer
+def velocity_errors(
+    ctx: StepContext, clean: torch.Tensor, cond: PromptEmbeddings, sigma, noise, guidance_scale: float = 1.0
+) -> torch.Tensor:
+    """Per-sample mean squared error of the generator's velocity against the rectified-flow target `noise - x0` at
+    `x_s = (1 - s) x0 + s noise` (SD3 convention), shape `(B,)`: the conditional velocity, or with
+    `guidance_scale > 1` the classifier-free-guided one the sampler follows (`cond` then needs its negative part)."""
     s = sigma.view(-1, *[1] * (clean.ndim - 1))
-    velocity = transformer(
-        hidden_states=((1 - s) * clean + s * noise).to(transformer.dtype),
-        timestep=sigma * ctx.pipe.scheduler.config.num_train_timesteps,
-        encoder_hidden_states=cond.prompt_embeds,
-        pooled_projections=cond.pooled_prompt_embeds,
-        return_dict=False,
-    )[0]
+    noisy = ((1 - s) * clean + s * noise).to(ctx.pipe.transformer.dtype)
+    timestep = sigma * ctx.pipe.scheduler.config.num_train_timesteps
+    velocity = guided_velocity(ctx.pipe.transformer, noisy, timestep, cond, guidance_scale)
     return (velocity.float() - (noise - clean).float()).pow(2).mean(dim=tuple(range(1, clean.ndim)))
 
 
-def flow_matching_loss(ctx: StepContext, clean: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+def flow_matching_loss(
+    ctx: StepContext, clean: torch.Tensor, prompts: list[str], guidance_scale: float = 1.0
+) -> torch.Tensor:
     """The rectified-flow loss of the generator (LoRA active) on clean latents of `prompts`: `velocity_errors` at a
-    logit-normal `s` and a fresh Gaussian draw per sample (conditional, no guidance)."""
+    logit-normal `s` and a fresh Gaussian draw per sample (conditional, or guided with `guidance_scale > 1`)."""
     sigma = torch.sigmoid(torch.randn(len(clean), generator=ctx.generator)).to(clean.device)
     noise = torch.randn(clean.shape, generator=ctx.generator).to(clean.device)
-    return velocity_errors(ctx, clean, ctx.encode(list(prompts)), sigma, noise).mean()
+    return velocity_errors(ctx, clean, ctx.encode(list(prompts)), sigma, noise, guidance_scale).mean()
 
 
 def pretrain_loss(ctx: StepContext) -> torch.Tensor:

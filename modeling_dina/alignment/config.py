@@ -62,6 +62,9 @@ class AlignmentConfig:
             in the gradient).
         sde_steps: GRPO: how many leading sampling steps use the SDE (explore, are trained); the rest use the ODE
             (None: all steps).
+        fit_guided: RAFT and DPO: fit (DPO: compare) the classifier-free-guided velocity the sampler follows
+            (`guidance_scale`) instead of the conditional one. The candidates are guided samples: fitting the
+            conditional velocity to them and guiding it again at sampling compounds the guidance every step.
         ema_decay: keep an EMA of the LoRA (the ReFL recipe's policy EMA), evaluated and saved instead of the raw
             weights; None = off.
         early_stopping_metric, early_stopping_patience: stop once the evaluation metric `eval/<metric>` (e.g. a
@@ -113,6 +116,7 @@ class AlignmentConfig:
     train_timesteps: int | None = None
     share_initial_noise: bool = False
     sde_steps: int | None = None
+    fit_guided: bool = False
 
     ema_decay: float | None = None
     early_stopping_metric: str | None = None

@@ -26,9 +26,11 @@ def dpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[s
     1. Sample `group_size` ODE candidates per prompt (CFG) and score them (no gradient).
     2. Pair each prompt's best with its worst candidate; prompts whose candidates tie are skipped.
     3. `inner_epochs` optimiser steps of `dpo_loss` (`dpo_beta`): both images of a pair are noised to the same
-       logit-normal level with the same draw, and the policy's and the base's conditional velocity errors compared.
+       logit-normal level with the same draw, and the policy's and the base's conditional (with `fit_guided`: guided)
+       velocity errors compared.
     """
     config, group = ctx.config, ctx.config.group_size
+    scale = config.guidance_scale if config.fit_guided else 1.0
     latents, rewards = sample_groups(ctx, prompts, meter)
     grouped = rewards.view(-1, group).cpu()
     offsets = torch.arange(len(prompts)) * group
@@ -48,8 +50,8 @@ def dpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[s
         noise = torch.randn(len(pair_prompts), *clean.shape[1:], generator=ctx.generator).repeat(2, 1, 1, 1)
         noise = noise.to(clean.device)
         with torch.no_grad(), generator_lora_disabled(ctx.pipe.transformer):
-            reference = velocity_errors(ctx, clean, cond, sigma, noise)
-        policy = velocity_errors(ctx, clean, cond, sigma, noise)
+            reference = velocity_errors(ctx, clean, cond, sigma, noise, scale)
+        policy = velocity_errors(ctx, clean, cond, sigma, noise, scale)
         loss = dpo_loss(policy.view(2, -1), reference.view(2, -1), config.dpo_beta)
         loss.backward()
         stats["loss"] += loss.item() / config.inner_epochs

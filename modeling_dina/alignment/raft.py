@@ -34,17 +34,18 @@ def raft_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
 
     1. Sample `group_size` candidates per prompt with the Euler (ODE) sampler and CFG, as inference does.
     2. Score them (no gradient) and keep each prompt's best.
-    3. `inner_epochs` optimiser steps of the flow-matching loss on the kept latents (a fresh noise level each), plus
-       `pretrain_weight` times the same loss on real data when given.
+    3. `inner_epochs` optimiser steps of the flow-matching loss on the kept latents (a fresh noise level each; of the
+       guided velocity with `fit_guided`), plus `pretrain_weight` times the conditional loss on real data when given.
     """
     config, group = ctx.config, ctx.config.group_size
+    fitted_scale = config.guidance_scale if config.fit_guided else 1.0
     latents, rewards = sample_groups(ctx, prompts, meter)
     best = rewards.view(-1, group).argmax(dim=1).cpu() + torch.arange(len(prompts)) * group
     kept = latents[best.to(latents.device)]
 
     stats = {"loss": 0.0, "pretrain_loss": 0.0, "grad_norm": 0.0}
     for _ in range(config.inner_epochs):
-        loss = flow_matching_loss(ctx, kept, prompts)
+        loss = flow_matching_loss(ctx, kept, prompts, fitted_scale)
         if config.pretrain_weight > 0:
             pretrain = pretrain_loss(ctx)
             stats["pretrain_loss"] += pretrain.item() / config.inner_epochs

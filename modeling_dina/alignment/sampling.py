@@ -100,9 +100,12 @@ def initial_latents(
 def guided_velocity(
     transformer, latents: torch.Tensor, timestep: torch.Tensor, cond: PromptEmbeddings, guidance_scale: float
 ) -> torch.Tensor:
-    """The transformer's velocity, with classifier-free guidance when `guidance_scale > 1` (as the SD3 pipeline)."""
+    """The transformer's velocity, with classifier-free guidance when `guidance_scale > 1` (as the SD3 pipeline);
+    `timestep` is one value or one per sample."""
     cfg = guidance_scale > 1
+    timestep = timestep.expand(latents.shape[0])
     if cfg:
+        timestep = timestep.repeat(2)
         if cond.negative_prompt_embeds is None:
             raise ValueError("guidance_scale > 1 needs negative prompt embeddings.")
         inputs = torch.cat([latents, latents])
@@ -112,7 +115,7 @@ def guided_velocity(
         inputs, embeds, pooled = latents, cond.prompt_embeds, cond.pooled_prompt_embeds
     velocity = transformer(
         hidden_states=inputs,
-        timestep=timestep.expand(inputs.shape[0]),
+        timestep=timestep,
         encoder_hidden_states=embeds,
         pooled_projections=pooled,
         return_dict=False,
