@@ -30,7 +30,7 @@ from modeling_dina.alignment import (
 from modeling_dina.alignment.cli import add_align_parser, run_align
 from modeling_dina.alignment.common import ParameterEMA, RewardMeter, pretrain_loss, velocity_errors
 from modeling_dina.alignment.dpo import dpo_loss
-from modeling_dina.alignment.loop import _prepare
+from modeling_dina.alignment.loop import prepare_context
 from modeling_dina.alignment.refl import refl_step
 from modeling_dina.tiny_sd3 import TINY_DINA
 
@@ -97,7 +97,7 @@ def snapshot(module):
 def test_sampler_reproduces_the_pipeline_with_the_generator_lora_active(tiny_sd3_dir, tmp_path):
     pipe, model = build(tiny_sd3_dir)
     cfg = config(tmp_path, "run")
-    _prepare(pipe, DiNaLatentReward(model), cfg)  # adds the generator LoRA (B = 0): give it an effect
+    prepare_context(pipe, DiNaLatentReward(model), cfg)  # adds the generator LoRA (B = 0): give it an effect
     with torch.no_grad():
         for n, p in pipe.transformer.named_parameters():
             if f"lora_B.{GENERATOR_ADAPTER}" in n:
@@ -220,7 +220,7 @@ def test_refl_gradient_checkpointing_gives_the_same_update(tiny_sd3_dir, tmp_pat
     for checkpointing in (False, True):
         pipe, model = build(tiny_sd3_dir)
         cfg = config(tmp_path, f"gc{checkpointing}", grad_steps=None, gradient_checkpointing=checkpointing)
-        ctx = _prepare(pipe, DiNaLatentReward(model), cfg)
+        ctx = prepare_context(pipe, DiNaLatentReward(model), cfg)
         assert pipe.transformer.gradient_checkpointing is checkpointing
         refl_step(ctx, PROMPTS[:2], RewardMeter(torch.device("cpu")))
         results.append(generator_lora_state_dict(pipe.transformer))
@@ -418,7 +418,7 @@ def test_pretrain_flow_matching_loss_by_hand(tiny_sd3_dir, tmp_path):
         return clean[items], [PROMPTS[i] for i in items.tolist()]
 
     cfg = config(tmp_path, "fm", pretrain_weight=1.0, pretrain_batch_size=2, max_sequence_length=16)
-    ctx = _prepare(pipe, lambda *a: None, cfg, pretrain_data=data)
+    ctx = prepare_context(pipe, lambda *a: None, cfg, pretrain_data=data)
     loss = pretrain_loss(ctx)
     g = torch.Generator().manual_seed(cfg.seed)
     x0, prompts = data(2, g)
@@ -437,7 +437,7 @@ def test_pretrain_flow_matching_loss_by_hand(tiny_sd3_dir, tmp_path):
         ).sample
     torch.testing.assert_close(loss.detach(), ((v - (noise - x0)) ** 2).mean())
     with pytest.raises(ValueError, match="pretrain_data"):
-        pretrain_loss(_prepare(load_pipe(tiny_sd3_dir), lambda *a: None, cfg))
+        pretrain_loss(prepare_context(load_pipe(tiny_sd3_dir), lambda *a: None, cfg))
 
 
 def test_refl_recipe_pretrain_loss_ema_and_early_stopping(tiny_sd3_dir, tmp_path):
@@ -513,7 +513,7 @@ def test_guided_velocity_errors_by_hand(tiny_sd3_dir, tmp_path):
     """`fit_guided`: the error of `u + g (c - u)` (per-sample timesteps), the velocity the CFG sampler follows."""
     pipe = load_pipe(tiny_sd3_dir)
     cfg = config(tmp_path, "guided", guidance_scale=3.0, max_sequence_length=16)
-    ctx = _prepare(pipe, lambda *a: None, cfg)
+    ctx = prepare_context(pipe, lambda *a: None, cfg)
     g = torch.Generator().manual_seed(3)
     x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     sigma = torch.tensor([0.3, 0.8])
@@ -556,7 +556,7 @@ def test_raft_fits_the_best_candidate_of_each_group(tiny_sd3_dir, tmp_path, monk
         max_sequence_length=16,
         fit_guided=fit_guided,
     )
-    ctx = _prepare(pipe, brightness, cfg)
+    ctx = prepare_context(pipe, brightness, cfg)
     fitted_scale = cfg.guidance_scale if fit_guided else 1.0
     fit, step = raft.flow_matching_loss, ctx.optimizer_step
     monkeypatch.setattr(
@@ -594,7 +594,7 @@ def test_dpo_pairs_each_groups_best_and_worst_against_the_base(tiny_sd3_dir, tmp
         return latents.mean(dim=(1, 2, 3))
 
     cfg = config(tmp_path, "dpo", method="dpo", steps=1, group_size=3, inner_epochs=2, max_sequence_length=16)
-    ctx = _prepare(pipe, brightness, cfg)
+    ctx = prepare_context(pipe, brightness, cfg)
     errors = dpo.velocity_errors
 
     def recording(c, clean, cond, sigma, noise, scale):

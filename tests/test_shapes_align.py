@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from modeling_dina.cli import main as dina_main
 from modeling_dina.shapes.align import checker_reward, parse_overrides, run_shapes_alignment, wilson_interval
@@ -12,6 +13,7 @@ from modeling_dina.shapes.align_report import check_run, summarise_run, write_al
 from modeling_dina.shapes.data import split_prompts
 from modeling_dina.shapes.demo import aligned_lora
 from modeling_dina.shapes.generator import load_generator
+from modeling_dina.shapes.gradient_snr import batch_gradients, pairwise_cosines, summarise
 from modeling_dina.shapes.render import render_scene, sample_scene
 
 TINY_RUN = dict(
@@ -159,3 +161,19 @@ def test_shapes_refl_with_reward_refresh(tmp_path):
     assert records[2]["refresh/loss"] > 0
     with pytest.raises(ValueError, match="refresh"):
         run(tmp_path, "fresh-checker", "checker", method="grpo", refresh_every=2)
+
+
+def test_gradient_snr_cosines_and_summary_by_hand():
+    gradients = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    cosines = pairwise_cosines(gradients)
+    assert cosines == pytest.approx([1 / 2**0.5, 0.0, 1 / 2**0.5], abs=1e-6)
+    summary = summarise([0.2, 0.2, 0.2])
+    # a batch of 64 with signal share 0.2: m = (1 - c) / c = 4 batches average to share 0.5
+    assert summary["mean_cosine"] == pytest.approx(0.2) and summary["samples_for_0.5"] == pytest.approx(256)
+    assert summarise([-0.1, 0.05])["samples_for_0.5"] == float("inf")
+
+
+def test_gradient_snr_gradients_are_independent_batches_of_one_step():
+    gradients = batch_gradients({"method": "grpo", "sde_steps": 1, "num_inference_steps": 2}, "random", batches=2)
+    assert gradients.shape[0] == 2 and torch.isfinite(gradients).all() and gradients.abs().sum() > 0
+    assert not torch.equal(gradients[0], gradients[1])

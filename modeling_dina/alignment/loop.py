@@ -87,7 +87,7 @@ def align(
     out.mkdir(parents=True, exist_ok=True)
     (out / "alignment_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
-    ctx = _prepare(pipe, reward_fn, config, pretrain_data)
+    ctx = prepare_context(pipe, reward_fn, config, pretrain_data)
     ctx.step_callback = step_callback
     stopper = EarlyStopping(config.early_stopping_metric, config.early_stopping_patience, out / BEST_LORA_DIR)
     start = 0
@@ -206,9 +206,11 @@ def import_object(path: str):
         raise ImportError(f"cannot import {path!r}: {err}") from err
 
 
-def _prepare(
+def prepare_context(
     pipe: StableDiffusion3Pipeline, reward_fn: Callable, config: AlignmentConfig, pretrain_data=None
 ) -> StepContext:
+    """What a step of `config.method` works on: the generator LoRA added (seeded) and alone trainable, its optimiser,
+    the run's random generator and the sizes."""
     transformer = pipe.transformer
     if GENERATOR_ADAPTER not in (getattr(transformer, "peft_config", None) or {}):
         # peft draws the LoRA's A matrices from torch's global generator: seed it, or a run depends on what ran before.

@@ -107,6 +107,8 @@ def describe(folder: str | Path) -> str:
     elif c["method"] in ("dpo", "raft"):
         parts += [f"group {c['group_size']}", f"{c['inner_epochs']} updates/batch"]
         parts += [f"beta {c['dpo_beta']:g}"] if c["method"] == "dpo" else []
+        parts += ["guided velocity fitted"] if c.get("fit_guided") else []
+        parts += [f"pretrain weight {c['pretrain_weight']:g}"] if c.get("pretrain_weight") else []
     else:
         parts += [f"u = {c['reward_noise_level']}", f"pretrain weight {c['pretrain_weight']:g}"]
     return ", ".join(parts)
