@@ -317,6 +317,24 @@ def test_sde_step_log_prob_and_limits():
     assert torch.isfinite(sde_step(x, v, torch.tensor(1.0), sigma_next, sigma_max, 0.7, generator=g)[1]).all()
 
 
+def test_sde_step_on_a_coarse_noise_grid():
+    x, v = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(2, 4, 8, 8)
+    sigma, sigma_next, sigma_max = torch.tensor(0.9), torch.tensor(0.7), torch.tensor(0.97)
+    args = (x, v, sigma, sigma_next, sigma_max, 0.7)
+    # a grid as fine as the latent is the per-element step, draw for draw
+    fine = sde_step(*args, generator=torch.Generator().manual_seed(1))
+    same = sde_step(*args, generator=torch.Generator().manual_seed(1), noise_grid=8)
+    assert all(torch.equal(a, b) for a, b in zip(fine, same))
+    nxt, log_prob, mean, std = sde_step(*args, generator=torch.Generator().manual_seed(1), noise_grid=2)
+    blocks = (nxt - mean).unfold(2, 4, 4).unfold(3, 4, 4)  # (B, C, 2, 2, 4, 4): constant within each block
+    torch.testing.assert_close(blocks, blocks[..., :1, :1].expand_as(blocks))
+    pooled = torch.nn.functional.avg_pool2d(nxt - mean, 4)
+    torch.testing.assert_close(log_prob, torch.distributions.Normal(0.0, std).log_prob(pooled).mean(dim=(1, 2, 3)))
+    assert torch.equal(sde_step(*args, next_latents=nxt, noise_grid=2)[1], log_prob)
+    with pytest.raises(ValueError, match="noise_grid"):
+        sde_step(*args, generator=torch.Generator(), noise_grid=3)
+
+
 def test_group_advantages():
     adv = group_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), group_size=2)
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0]), atol=1e-3, rtol=0)

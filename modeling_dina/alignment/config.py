@@ -62,6 +62,10 @@ class AlignmentConfig:
             in the gradient).
         sde_steps: GRPO: how many leading sampling steps use the SDE (explore, are trained); the rest use the ODE
             (None: all steps).
+        sde_noise_grid: GRPO: draw the SDE's noise on a `grid x grid` lattice per channel, upsampled (nearest), and
+            credit the block means (`sde_step`'s `noise_grid`): exploration in the low-frequency directions where a
+            layout is decided, with a score-function noise that shrinks with the explored dimension. None: per
+            element (Flow-GRPO).
         fit_guided: RAFT and DPO: fit (DPO: compare) the classifier-free-guided velocity the sampler follows
             (`guidance_scale`) instead of the conditional one. The candidates are guided samples: fitting the
             conditional velocity to them and guiding it again at sampling compounds the guidance every step.
@@ -116,6 +120,7 @@ class AlignmentConfig:
     train_timesteps: int | None = None
     share_initial_noise: bool = False
     sde_steps: int | None = None
+    sde_noise_grid: int | None = None
     fit_guided: bool = False
 
     ema_decay: float | None = None
@@ -146,7 +151,7 @@ class AlignmentConfig:
         for name in ("checkpoint_every", "eval_every", "kl_weight", "clip_range", "pretrain_weight", "dpo_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
-        for name in ("grad_steps", "train_timesteps", "sde_steps"):
+        for name in ("grad_steps", "train_timesteps", "sde_steps", "sde_noise_grid"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1 or None (all), got {getattr(self, name)}.")
         if self.method in ("grpo", "raft", "dpo") and self.group_size < 2:

@@ -31,8 +31,9 @@ def grpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
 
     1. Sample `group_size` trajectories per prompt (CFG), from one shared starting noise per prompt when
        `share_initial_noise` (so a group's rewards differ only through the sampler's own noise, which the
-       log-probabilities credit), with the SDE sampler (noise level `eta`) on the first `sde_steps` steps and the ODE
-       on the rest, storing each SDE transition and its log-probability under the current policy (no gradient).
+       log-probabilities credit), with the SDE sampler (noise level `eta`, on a coarse lattice with `sde_noise_grid`)
+       on the first `sde_steps` steps and the ODE on the rest, storing each SDE transition and its log-probability
+       under the current policy (no gradient).
     2. Score the final latents with the reward (no gradient); advantages are normalised within each prompt's group
        and clipped to `adv_clip_max`.
     3. For `inner_epochs` epochs, over `train_timesteps` of the SDE transitions per trajectory (a random subset; all
@@ -59,7 +60,14 @@ def grpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
             velocity = guided_velocity(transformer, latents, timesteps[i], cond, config.guidance_scale)
             if i < sde_steps:
                 latents, log_prob, _, _ = sde_step(
-                    latents, velocity, sigmas[i], sigmas[i + 1], sigmas[1], config.eta, generator=ctx.generator
+                    latents,
+                    velocity,
+                    sigmas[i],
+                    sigmas[i + 1],
+                    sigmas[1],
+                    config.eta,
+                    generator=ctx.generator,
+                    noise_grid=config.sde_noise_grid,
                 )
                 old_log_probs.append(log_prob)
             else:  # the deterministic rest of the trajectory: no decision to credit, nothing to train
@@ -83,7 +91,14 @@ def grpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
             x, x_next = trajectory[i], trajectory[i + 1]
             velocity = guided_velocity(transformer, x, timesteps[i], cond, config.guidance_scale)
             _, log_prob, mean, std = sde_step(
-                x, velocity, sigmas[i], sigmas[i + 1], sigmas[1], config.eta, next_latents=x_next
+                x,
+                velocity,
+                sigmas[i],
+                sigmas[i + 1],
+                sigmas[1],
+                config.eta,
+                next_latents=x_next,
+                noise_grid=config.sde_noise_grid,
             )
             ratio = torch.exp(log_prob - old_log_probs[i])
             clipped = torch.clamp(ratio, 1.0 - config.clip_range, 1.0 + config.clip_range)

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from peft import LoraConfig
@@ -144,6 +145,7 @@ def sde_step(
     *,
     next_latents: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise_grid: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Euler-Maruyama step of the flow's reverse SDE (Flow-GRPO) and the Gaussian log-probability of the transition.
 
@@ -154,10 +156,15 @@ def sde_step(
 
     Args:
         next_latents: the transition's end point; drawn on `generator` when not given.
+        noise_grid: explore in the low frequencies only: the noise is drawn on a `noise_grid x noise_grid` lattice per
+            channel and upsampled (nearest), so `x_next - mean` is constant on each block; the log-probability is
+            then that of the block means, `N(pool(x_next) - pool(mean); 0, std^2)`, averaged over blocks (the
+            score-function noise of the policy gradient grows with the explored dimension). None: every element.
 
     Returns:
-        `(next_latents, log_prob, mean, std)`: the log-probability is averaged over the latent's elements (one value
-        per sample, as in Flow-GRPO); `std = std_t * sqrt(|dt|)` is the transition's standard deviation.
+        `(next_latents, log_prob, mean, std)`: the log-probability is averaged over the latent's elements (blocks
+        with `noise_grid`; one value per sample, as in Flow-GRPO); `std = std_t * sqrt(|dt|)` is the transition's
+        standard deviation.
     """
     if eta <= 0:
         raise ValueError(f"the SDE step needs a noise level eta > 0, got {eta}.")
@@ -166,13 +173,24 @@ def sde_step(
     std_t = eta * torch.sqrt(sigma / (1 - sigma).clamp_min(1 - sigma_max))
     mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
     std = std_t * torch.sqrt(-dt)
+    block = (1, 1) if noise_grid is None else _block_size(x.shape[-2:], noise_grid)
     if next_latents is None:
-        noise = torch.randn(x.shape, generator=generator, device=None if generator is None else generator.device)
-        next_latents = (mean.detach() + std * noise.to(mean.device)).to(latents.dtype)
+        shape = (*x.shape[:-2], x.shape[-2] // block[0], x.shape[-1] // block[1])
+        noise = torch.randn(shape, generator=generator, device=None if generator is None else generator.device)
+        noise = noise.to(mean.device).repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
+        next_latents = (mean.detach() + std * noise).to(latents.dtype)
     # On the stored (cast) sample, so recomputing it during training gives the same value.
     residual = next_latents.detach().float() - mean
+    if block != (1, 1):
+        residual = F.avg_pool2d(residual, block)
     log_prob = -(residual**2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return next_latents, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, std
+
+
+def _block_size(size: tuple[int, int], grid: int) -> tuple[int, int]:
+    if grid < 1 or size[0] % grid or size[1] % grid:
+        raise ValueError(f"noise_grid must divide the latent's height and width; got {grid} for {tuple(size)}.")
+    return size[0] // grid, size[1] // grid
 
 
 # ----------------------------------------------------------------------------------------------- generator LoRA

@@ -57,6 +57,11 @@ RANKED = dict(batch_size=8, num_inference_steps=10, eval_every=25)
 HEADLINE_RUNS: dict[str, tuple[str, dict, str]] = {
     "grpo-checker": ("checker", GRPO, "GRPO as grpo-dina, the exact checker as the reward (tests the loop)"),
     "grpo-dina": ("dina", GRPO, "GRPO, DiNa-LRM u = 0.4; groups share their start and scoring noise, SDE on 2 steps"),
+    "grpo-dina-grid": (
+        "dina",
+        {**GRPO, "sde_noise_grid": 4},
+        "as grpo-dina, the SDE's noise drawn on a 4 x 4 lattice (explores layouts; see gradient_snr)",
+    ),
     "dpo-checker": (
         "checker",
         {**RANKED, "method": "dpo", "steps": 150, "group_size": 4, "inner_epochs": 2, "learning_rate": 1e-3},

@@ -36,6 +36,8 @@ VARIANTS = [
     ("grpo-checker", "checker", GRPO),
     ("grpo-checker-all-sde", "checker", dict(method="grpo", sde_steps=None, share_initial_noise=False)),
     ("grpo-dina", "dina", GRPO),
+    ("grpo-checker-grid4", "checker", {**GRPO, "sde_noise_grid": 4}),
+    ("grpo-dina-grid4", "dina", {**GRPO, "sde_noise_grid": 4}),
 ]
 
 
