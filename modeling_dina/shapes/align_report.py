@@ -57,11 +57,6 @@ RANKED = dict(batch_size=8, num_inference_steps=10, eval_every=25)
 HEADLINE_RUNS: dict[str, tuple[str, dict, str]] = {
     "grpo-checker": ("checker", GRPO, "GRPO as grpo-dina, the exact checker as the reward (tests the loop)"),
     "grpo-dina": ("dina", GRPO, "GRPO, DiNa-LRM u = 0.4; groups share their start and scoring noise, SDE on 2 steps"),
-    "grpo-dina-grid": (
-        "dina",
-        {**GRPO, "sde_noise_grid": 4},
-        "as grpo-dina, the SDE's noise drawn on a 4 x 4 lattice (explores layouts; see gradient_snr)",
-    ),
     "dpo-checker": (
         "checker",
         {**RANKED, "method": "dpo", "steps": 150, "group_size": 4, "inner_epochs": 2, "learning_rate": 1e-3},
@@ -109,6 +104,8 @@ def describe(folder: str | Path) -> str:
     if c["method"] == "grpo":
         parts += [f"group {c['group_size']}", "shared starts" if c.get("share_initial_noise") else "own starts"]
         parts.append(f"SDE on {c.get('sde_steps') or c['num_inference_steps']} of {c['num_inference_steps']} steps")
+        if grid := c.get("sde_noise_grid"):
+            parts.append(f"SDE noise on a {grid}x{grid} lattice")
     elif c["method"] in ("dpo", "raft"):
         parts += [f"group {c['group_size']}", f"{c['inner_epochs']} updates/batch"]
         parts += [f"beta {c['dpo_beta']:g}"] if c["method"] == "dpo" else []
@@ -116,6 +113,10 @@ def describe(folder: str | Path) -> str:
         parts += [f"pretrain weight {c['pretrain_weight']:g}"] if c.get("pretrain_weight") else []
     else:
         parts += [f"u = {c['reward_noise_level']}", f"pretrain weight {c['pretrain_weight']:g}"]
+    log = Path(folder, "log.jsonl")
+    refreshed = [r["step"] for r in map(json.loads, log.read_text().splitlines()) if "refresh/pairs" in r]
+    if refreshed:
+        parts.append(f"DiNa-LRM refreshed every {refreshed[0]} steps")
     return ", ".join(parts)
 
 
