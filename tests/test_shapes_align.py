@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from modeling_dina.alignment.config import AlignmentConfig
 from modeling_dina.cli import main as dina_main
 from modeling_dina.shapes.align import checker_reward, parse_overrides, run_shapes_alignment, wilson_interval
-from modeling_dina.shapes.align_report import check_run, summarise_run, write_alignment_report
+from modeling_dina.shapes.align_report import check_run, describe, summarise_run, write_alignment_report
 from modeling_dina.shapes.data import split_prompts
 from modeling_dina.shapes.demo import aligned_lora
 from modeling_dina.shapes.generator import load_generator
@@ -177,3 +178,25 @@ def test_gradient_snr_gradients_are_independent_batches_of_one_step():
     gradients = batch_gradients({"method": "grpo", "sde_steps": 1, "num_inference_steps": 2}, "random", batches=2)
     assert gradients.shape[0] == 2 and torch.isfinite(gradients).all() and gradients.abs().sum() > 0
     assert not torch.equal(gradients[0], gradients[1])
+
+
+def test_describe_names_a_runs_settings(tmp_path):
+    folder = tmp_path / "grpo-dina-x1"
+    folder.mkdir()
+    config = AlignmentConfig(
+        method="grpo",
+        learning_rate=3e-4,
+        batch_size=8,
+        group_size=8,
+        num_inference_steps=10,
+        share_initial_noise=True,
+        sde_steps=2,
+        sde_noise_grid=4,
+        kl_weight=0.04,
+    )
+    (folder / "alignment_config.json").write_text(json.dumps(config.to_dict()))
+    (folder / "log.jsonl").write_text('{"step": 1}\n{"step": 5, "refresh/pairs": 64}\n')
+    assert describe(folder) == (
+        "grpo, lr 0.0003, 8 prompts, group 8, shared starts, SDE on 2 of 10 steps, SDE noise on a 4x4 lattice, "
+        "KL weight 0.04, DiNa-LRM refreshed every 5 steps"
+    )

@@ -57,6 +57,12 @@ RANKED = dict(batch_size=8, num_inference_steps=10, eval_every=25)
 HEADLINE_RUNS: dict[str, tuple[str, dict, str]] = {
     "grpo-checker": ("checker", GRPO, "GRPO as grpo-dina, the exact checker as the reward (tests the loop)"),
     "grpo-dina": ("dina", GRPO, "GRPO, DiNa-LRM u = 0.4; groups share their start and scoring noise, SDE on 2 steps"),
+    "grpo-dina-refresh": (
+        "dina",
+        {**GRPO, "steps": 60, "learning_rate": 3e-4, "sde_noise_grid": 4, "eval_every": 10, "refresh_every": 5},
+        "GRPO against DiNa-LRM, SDE noise on a 4x4 lattice, lr 3e-4, DiNa-LRM refreshed every 5 steps on "
+        "checker-labelled policy samples",
+    ),
     "dpo-checker": (
         "checker",
         {**RANKED, "method": "dpo", "steps": 150, "group_size": 4, "inner_epochs": 2, "learning_rate": 1e-3},
@@ -106,6 +112,7 @@ def describe(folder: str | Path) -> str:
         parts.append(f"SDE on {c.get('sde_steps') or c['num_inference_steps']} of {c['num_inference_steps']} steps")
         if grid := c.get("sde_noise_grid"):
             parts.append(f"SDE noise on a {grid}x{grid} lattice")
+        parts += [f"KL weight {c['kl_weight']:g}"] if c.get("kl_weight") else []
     elif c["method"] in ("dpo", "raft"):
         parts += [f"group {c['group_size']}", f"{c['inner_epochs']} updates/batch"]
         parts += [f"beta {c['dpo_beta']:g}"] if c["method"] == "dpo" else []
