@@ -14,7 +14,7 @@ from modeling_dina.shapes.align_report import check_run, describe, summarise_run
 from modeling_dina.shapes.data import split_prompts
 from modeling_dina.shapes.demo import aligned_lora
 from modeling_dina.shapes.generator import load_generator
-from modeling_dina.shapes.gradient_snr import batch_gradients, pairwise_cosines, summarise
+from modeling_dina.shapes.gradient_snr import VARIANTS, batch_gradients, pairwise_cosines, step_config, summarise
 from modeling_dina.shapes.render import render_scene, sample_scene
 
 TINY_RUN = dict(
@@ -172,6 +172,14 @@ def test_gradient_snr_cosines_and_summary_by_hand():
     # a batch of 64 with signal share 0.2: m = (1 - c) / c = 4 batches average to share 0.5
     assert summary["mean_cosine"] == pytest.approx(0.2) and summary["samples_for_0.5"] == pytest.approx(256)
     assert summarise([-0.1, 0.05])["samples_for_0.5"] == float("inf")
+
+
+def test_gradient_snr_variants_are_one_epoch_grpo_steps():
+    for name, _, overrides in VARIANTS:
+        config = step_config(overrides)
+        assert config.method == "grpo" and config.inner_epochs == 1, name
+        assert (config.batch_size, config.group_size, config.num_inference_steps) == (8, 8, 10), name
+    assert step_config(VARIANTS[-1][2]).sde_noise_grid == 4
 
 
 def test_gradient_snr_gradients_are_independent_batches_of_one_step():

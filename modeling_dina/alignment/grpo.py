@@ -54,21 +54,17 @@ def grpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
     num_steps = config.num_inference_steps
     sde_steps = num_steps if config.sde_steps is None else min(config.sde_steps, num_steps)
 
+    def transition(x, velocity, i, **kwargs):  # the SDE step from sampling step i, as sampled and as trained
+        return sde_step(
+            x, velocity, sigmas[i], sigmas[i + 1], sigmas[1], config.eta, noise_grid=config.sde_noise_grid, **kwargs
+        )
+
     trajectory, old_log_probs = [latents], []
     with torch.no_grad():
         for i in range(num_steps):
             velocity = guided_velocity(transformer, latents, timesteps[i], cond, config.guidance_scale)
             if i < sde_steps:
-                latents, log_prob, _, _ = sde_step(
-                    latents,
-                    velocity,
-                    sigmas[i],
-                    sigmas[i + 1],
-                    sigmas[1],
-                    config.eta,
-                    generator=ctx.generator,
-                    noise_grid=config.sde_noise_grid,
-                )
+                latents, log_prob, _, _ = transition(latents, velocity, i, generator=ctx.generator)
                 old_log_probs.append(log_prob)
             else:  # the deterministic rest of the trajectory: no decision to credit, nothing to train
                 latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
@@ -90,16 +86,7 @@ def grpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
         for i in train_steps:
             x, x_next = trajectory[i], trajectory[i + 1]
             velocity = guided_velocity(transformer, x, timesteps[i], cond, config.guidance_scale)
-            _, log_prob, mean, std = sde_step(
-                x,
-                velocity,
-                sigmas[i],
-                sigmas[i + 1],
-                sigmas[1],
-                config.eta,
-                next_latents=x_next,
-                noise_grid=config.sde_noise_grid,
-            )
+            _, log_prob, mean, std = transition(x, velocity, i, next_latents=x_next)
             ratio = torch.exp(log_prob - old_log_probs[i])
             clipped = torch.clamp(ratio, 1.0 - config.clip_range, 1.0 + config.clip_range)
             loss = torch.maximum(-advantages * ratio, -advantages * clipped).mean()
@@ -107,9 +94,7 @@ def grpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
             if config.kl_weight > 0:
                 with torch.no_grad(), generator_lora_disabled(transformer):
                     reference = guided_velocity(transformer, x, timesteps[i], cond, config.guidance_scale)
-                    _, _, reference_mean, _ = sde_step(
-                        x, reference, sigmas[i], sigmas[i + 1], sigmas[1], config.eta, next_latents=x_next
-                    )
+                    _, _, reference_mean, _ = transition(x, reference, i, next_latents=x_next)
                 kl = ((mean - reference_mean) ** 2).mean(dim=tuple(range(1, mean.ndim))).mean() / (2 * std**2)
                 loss = loss + config.kl_weight * kl
             (loss / len(train_steps)).backward()

@@ -177,7 +177,9 @@ def sde_step(
     if next_latents is None:
         shape = (*x.shape[:-2], x.shape[-2] // block[0], x.shape[-1] // block[1])
         noise = torch.randn(shape, generator=generator, device=None if generator is None else generator.device)
-        noise = noise.to(mean.device).repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
+        noise = noise.to(mean.device)
+        if block != (1, 1):
+            noise = noise.repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
         next_latents = (mean.detach() + std * noise).to(latents.dtype)
     # On the stored (cast) sample, so recomputing it during training gives the same value.
     residual = next_latents.detach().float() - mean

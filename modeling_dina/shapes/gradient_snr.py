@@ -7,7 +7,7 @@ points the way, near 0 when its direction is noise. A reward of uniform random n
 zero; the spread of the pairwise cosines says how far from it a figure is. Comparable between rewards of one
 method only.
 
-    python -m modeling_dina.shapes.gradient_snr --batches 6 --output runs/alignment/gradient_snr.json
+    python -m modeling_dina.shapes.gradient_snr --batches 8 --output runs/alignment/gradient_snr.json
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from ..alignment.common import RewardMeter
 from ..alignment.config import AlignmentConfig
 from ..alignment.loop import STEP_FUNCTIONS, prepare_context
 from .align import SHAPES_SAMPLER, make_reward
+from .align_report import GRPO
 from .data import split_prompts
 from .generator import load_generator
 
 # (name, reward, AlignmentConfig overrides): GRPO as alignment.md runs it, one gradient per batch each. Only rewards
 # are compared, for one method: a supervised loss (RAFT, DPO) has noise of its own (noise levels, noise draws) that
 # this cosine would count against it.
-GRPO = dict(method="grpo", share_initial_noise=True, sde_steps=2)
 VARIANTS = [
     ("grpo-random", "random", GRPO),
     ("grpo-checker", "checker", GRPO),
-    ("grpo-checker-all-sde", "checker", dict(method="grpo", sde_steps=None, share_initial_noise=False)),
+    ("grpo-checker-all-sde", "checker", {**GRPO, "sde_steps": None, "share_initial_noise": False}),
     ("grpo-dina", "dina", GRPO),
     ("grpo-checker-grid4", "checker", {**GRPO, "sde_noise_grid": 4}),
     ("grpo-dina-grid4", "dina", {**GRPO, "sde_noise_grid": 4}),
@@ -50,20 +50,26 @@ def _random_reward(seed: int):
     return reward
 
 
-def batch_gradients(method_overrides: dict, reward: str, batches: int, seed: int = 0) -> torch.Tensor:
-    """`(batches, P)`: the generator LoRA's gradient of one step on each of `batches` independent batches (8 train-split
-    prompts x 8 samples, 10 sampling steps unless `method_overrides` say otherwise), from the fresh shipped generator;
-    nothing is updated."""
-    pipe = load_generator()
-    config = AlignmentConfig(
+def step_config(method_overrides: dict, seed: int = 0) -> AlignmentConfig:
+    """One step of 8 train-split prompts x 8 samples, 10 sampling steps, one optimisation epoch, unless
+    `method_overrides` say otherwise."""
+    values = dict(
         prompts=split_prompts()["train"],
         batch_size=8,
         group_size=8,
         inner_epochs=1,
         output_dir="unused",
         seed=seed,
-        **{**SHAPES_SAMPLER, "num_inference_steps": 10, **method_overrides},
+        **{**SHAPES_SAMPLER, "num_inference_steps": 10},
     )
+    return AlignmentConfig(**{**values, **method_overrides})
+
+
+def batch_gradients(method_overrides: dict, reward: str, batches: int, seed: int = 0) -> torch.Tensor:
+    """`(batches, P)`: the generator LoRA's gradient of one step (`step_config`) on each of `batches` independent
+    batches, from the fresh shipped generator; nothing is updated."""
+    pipe = load_generator()
+    config = step_config(method_overrides, seed)
     reward_fn = _random_reward(seed) if reward == "random" else make_reward(pipe, reward, seed=seed)
     ctx = prepare_context(pipe, reward_fn, config)
     gradients = []
@@ -98,7 +104,7 @@ def summarise(cosines: list[float]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--only", nargs="*", help="variant names (default: all)")
     parser.add_argument("--output", help="JSON file for the figures")
     parser.add_argument("--threads", type=int, default=1)
