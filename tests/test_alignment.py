@@ -32,6 +32,7 @@ from modeling_dina.alignment.common import ParameterEMA, RewardMeter, pretrain_l
 from modeling_dina.alignment.dpo import dpo_loss
 from modeling_dina.alignment.loop import prepare_context
 from modeling_dina.alignment.refl import refl_step
+from modeling_dina.alignment.reward_fns import decode_latents
 from modeling_dina.tiny_sd3 import TINY_DINA
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a cat"]
@@ -338,6 +339,14 @@ def test_sde_step_on_a_coarse_noise_grid():
 def test_group_advantages():
     adv = group_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), group_size=2)
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0]), atol=1e-3, rtol=0)
+    # one std for the batch: the centred rewards (-1, 1, 0, 0) have RMS sqrt(1/2), so the quiet group stays quiet
+    adv = group_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), group_size=2, std="batch")
+    torch.testing.assert_close(adv, torch.tensor([-(2**0.5), 2**0.5, 0.0, 0.0]), atol=1e-3, rtol=0)
+    adv = group_advantages(torch.tensor([1.0, 3.0, 5.0, 5.5]), group_size=2, std="batch")
+    scale = ((1 + 1 + 0.0625 + 0.0625) / 4) ** 0.5
+    torch.testing.assert_close(adv, torch.tensor([-1, 1, -0.25, 0.25]) / scale, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="'group' or 'batch'"):
+        group_advantages(torch.ones(4), group_size=2, std="prompt")
     with pytest.raises(ValueError, match="groups of 3"):
         group_advantages(torch.ones(4), group_size=3)
 
@@ -553,6 +562,32 @@ def test_guided_velocity_errors_by_hand(tiny_sd3_dir, tmp_path):
     torch.testing.assert_close(conditional, ((c - (noise - x0)) ** 2).mean(dim=(1, 2, 3)))
 
 
+def test_guided_velocity_without_the_unconditional_gradient(tiny_sd3_dir, tmp_path):
+    """`train_unconditional=False`: the guided velocity keeps its value, and its gradient is `g` times the
+    conditional branch's alone (the prompt-independent branch gets none)."""
+    pipe = load_pipe(tiny_sd3_dir)
+    ctx = prepare_context(pipe, lambda *a: None, config(tmp_path, "detach", max_sequence_length=16))
+    with torch.no_grad():  # give the LoRA (B = 0 at start) an effect
+        for p in ctx.params:
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t, cond = torch.tensor(600.0), ctx.encode(PROMPTS[:2])
+
+    def value_and_grads(**kwargs):
+        velocity = guided_velocity(pipe.transformer, x, t, cond, **kwargs)
+        grads = torch.autograd.grad(velocity.square().sum(), ctx.params, allow_unused=True)
+        return velocity.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(ctx.params, grads)]
+
+    full, full_grads = value_and_grads(guidance_scale=3.0)
+    detached, detached_grads = value_and_grads(guidance_scale=3.0, detach_unconditional=True)
+    torch.testing.assert_close(detached, full)
+    text = guided_velocity(pipe.transformer, x, t, cond, 1.0)
+    expected = torch.autograd.grad((2 * full * 3.0 * text).sum(), ctx.params, allow_unused=True)
+    for got, want in zip(detached_grads, expected):  # (the batch of 4 and of 2 round differently)
+        torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, rtol=1e-3, atol=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(detached_grads, full_grads))
+
+
 @pytest.mark.parametrize("fit_guided", [False, True])
 def test_raft_fits_the_best_candidate_of_each_group(tiny_sd3_dir, tmp_path, monkeypatch, fit_guided):
     import modeling_dina.alignment.raft as raft
@@ -674,6 +709,33 @@ def test_reward_refresh_trains_the_reward_on_labelled_policy_pairs(tiny_sd3_dir,
     restored.load_state_dict(state)
     assert torch.equal(restored.buffer["chosen"], pairs["chosen"])
     assert restored.generator.get_state().equal(refresh.generator.get_state())
+
+
+def test_reward_refresh_labels_the_samples_the_method_scored(tiny_sd3_dir, monkeypatch):
+    """With `scored`, a refresh labels what the reward scored with prompts since the last refresh (a GRPO group's
+    samples), pairs every two of one prompt whose labels differ, samples nothing itself and starts a new record."""
+    from modeling_dina.alignment.refresh import RewardRefresh
+
+    pipe, model = build(tiny_sd3_dir)
+    reward = DiNaLatentReward(model, noise_level=0.4)
+    brightness = lambda images, prompts: [float(np.asarray(im).mean()) for im in images]  # noqa: E731
+    refresh = RewardRefresh(model, brightness, PROMPTS, every=2, train_steps=2, scored=reward)
+    with pytest.raises(ValueError, match="scored"):
+        RewardRefresh(build(tiny_sd3_dir)[1], brightness, PROMPTS, scored=reward)
+    monkeypatch.setattr(refresh, "sample", lambda pipe: pytest.fail("a scored refresh must not sample"))
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2
+    latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = encode_prompts(pipe, prompts, guidance_scale=1.0, max_sequence_length=16)
+    reward(latents, cond.prompt_embeds, cond.pooled_prompt_embeds, prompts=prompts)
+    reward(latents[:3], cond.prompt_embeds[:3], cond.pooled_prompt_embeds[:3])  # no prompts: not recorded
+    assert len(reward.scored) == 1
+    assert refresh(pipe, 2)["refresh/pairs"] == 3 + 1  # distinct labels: 3 pairs of the first prompt, 1 of the second
+    labels = brightness(decode_latents(pipe, latents), prompts)
+    for chosen, rejected in zip(refresh.buffer["chosen"], refresh.buffer["rejected"]):
+        i = next(k for k in range(5) if torch.equal(latents[k], chosen))
+        j = next(k for k in range(5) if torch.equal(latents[k], rejected))
+        assert prompts[i] == prompts[j] and labels[i] > labels[j]
+    assert reward.scored == []
 
 
 def test_latent_reward_shares_the_noise_draw_within_a_prompt(tiny_sd3_dir):

@@ -1,6 +1,7 @@
 """Alignment in the Shapes world: the checker reward, the evaluation's interval, and a short deterministic run of each
 method (checker GRPO, DiNa GRPO, DiNa ReFL with the authors' recipe) on the shipped generator and reward."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,12 +10,19 @@ import torch
 
 from modeling_dina.alignment.config import AlignmentConfig
 from modeling_dina.cli import main as dina_main
-from modeling_dina.shapes.align import checker_reward, parse_overrides, run_shapes_alignment, wilson_interval
+from modeling_dina.shapes.align import (
+    checker_reward,
+    parse_overrides,
+    run_shapes_alignment,
+    training_prompts,
+    wilson_interval,
+)
 from modeling_dina.shapes.align_report import check_run, describe, summarise_run, write_alignment_report
 from modeling_dina.shapes.data import split_prompts
 from modeling_dina.shapes.demo import aligned_lora
 from modeling_dina.shapes.generator import load_generator
 from modeling_dina.shapes.gradient_snr import VARIANTS, batch_gradients, pairwise_cosines, step_config, summarise
+from modeling_dina.shapes.grammar import parse_prompt
 from modeling_dina.shapes.render import render_scene, sample_scene
 
 TINY_RUN = dict(
@@ -113,6 +121,30 @@ def test_shapes_dina_grpo_run(tmp_path):
     assert records[1]["reward_flops"] > 0
 
 
+def test_shapes_dina_grpo_online_run(tmp_path):
+    """The online settings: kinds balanced, batch-std advantages, DiNa refreshed on the very samples GRPO scored
+    (2 prompts x 2 per step), and the LoRA kept is the one with the best validation-prompt compliance."""
+    records, _ = run(
+        tmp_path,
+        "online",
+        "dina",
+        method="grpo",
+        train_timesteps=2,
+        refresh_every=1,
+        refresh_scored=True,
+        refresh_train_steps=2,
+        balanced_prompts=True,
+        advantage_std="batch",
+        early_stopping_metric="validation_compliance",
+        early_stopping_patience=5,
+    )
+    assert all(r["refresh/from_scored"] == 1.0 and r["refresh/labelled"] == 4 for r in records[1:])
+    assert all(0 <= r["eval/validation_compliance"] <= 1 for r in (records[0], records[-1]))
+    assert records[-1]["best_step"] in (0, 2)
+    config = json.loads((tmp_path / "online" / "alignment_config.json").read_text())
+    assert config["advantage_std"] == "batch" and len(set(config["prompts"])) < len(config["prompts"])
+
+
 def test_shapes_refl_recipe_run(tmp_path):
     prompts = split_prompts()["train"][:2]
     records, lora = run(
@@ -151,6 +183,9 @@ def test_shapes_refl_recipe_run(tmp_path):
     assert check["draws"] == 4 and all(0 <= check[k]["compliance"] <= 1 for k in ("base", "aligned"))
     text = write_alignment_report(tmp_path, tmp_path / "docs", "the command").read_text()
     assert "not run" not in text and summarise_run(tmp_path / "refl")["check"] == check
+    assert check["aligned"]["rates"]["overall"] == check["aligned"]["compliance"]
+    breakdown = text[text.index("| run | count prompts | relation prompts |") :]
+    assert breakdown.splitlines()[2].startswith("| refl | ") and breakdown.splitlines()[2].count("→") == 6
     assert summary["curve"][-1]["reward_gflop"] == pytest.approx(3 * summary["reward_gflop_per_step"])
 
 
@@ -207,4 +242,34 @@ def test_describe_names_a_runs_settings(tmp_path):
     assert describe(folder) == (
         "grpo, lr 0.0003, 8 prompts, group 8, shared starts, SDE on 2 of 10 steps, SDE noise on a 4x4 lattice, "
         "KL weight 0.04, DiNa-LRM refreshed every 5 steps"
+    )
+    config = dataclasses.replace(
+        config,
+        prompts=training_prompts(balanced=True),
+        kl_weight=0.0,
+        advantage_std="batch",
+        train_unconditional=False,
+        early_stopping_metric="validation_compliance",
+        eval_every=10,
+    )
+    (folder / "alignment_config.json").write_text(json.dumps(config.to_dict()))
+    (folder / "log.jsonl").write_text('{"step": 5, "refresh/pairs": 64, "refresh/from_scored": 1.0}\n')
+    assert describe(folder) == (
+        "grpo, lr 0.0003, 8 prompts (kinds balanced), group 8, shared starts, SDE on 2 of 10 steps, SDE noise on a "
+        "4x4 lattice, batch-std advantages, no gradient through the unconditional branch, DiNa-LRM refreshed every "
+        "5 steps on its scored samples, LoRA kept: the best validation compliance"
+    )
+
+
+def test_balanced_training_prompts_weigh_both_kinds_equally():
+    """The train split holds far more relation than count prompts; balanced, a uniform draw picks each kind half the
+    time, every train prompt is kept and no other prompt enters."""
+    train = split_prompts()["train"]
+    balanced = training_prompts(balanced=True)
+    kinds = [parse_prompt(p).kind for p in balanced]
+    assert training_prompts() == train and set(balanced) == set(train)
+    assert (
+        kinds.count("count")
+        == kinds.count("relation")
+        == max(sum(parse_prompt(p).kind == k for p in train) for k in ("count", "relation"))
     )

@@ -66,6 +66,13 @@ class AlignmentConfig:
             credit the block means (`sde_step`'s `noise_grid`): exploration in the low-frequency directions where a
             layout is decided, with a score-function noise that shrinks with the explored dimension. None: per
             element (Flow-GRPO).
+        advantage_std: GRPO: what a group's centred rewards are divided by: `"group"`, its own std (Flow-GRPO), or
+            `"batch"`, one std over the whole batch, so that a group whose samples barely differ (all fail alike)
+            gets small advantages rather than its reward noise blown up to full size.
+        train_unconditional: GRPO: let the policy gradient reach the LoRA through the unconditional (negative-prompt)
+            branch of classifier-free guidance. That branch is the same for every prompt, so its gradient is a sum
+            over the batch, a push in one prompt-independent direction; False detaches it (the sampled and trained
+            transitions are unchanged).
         fit_guided: RAFT and DPO: fit (DPO: compare) the classifier-free-guided velocity the sampler follows
             (`guidance_scale`) instead of the conditional one. The candidates are guided samples: fitting the
             conditional velocity to them and guiding it again at sampling compounds the guidance every step.
@@ -121,6 +128,8 @@ class AlignmentConfig:
     share_initial_noise: bool = False
     sde_steps: int | None = None
     sde_noise_grid: int | None = None
+    advantage_std: str = "group"
+    train_unconditional: bool = True
     fit_guided: bool = False
 
     ema_decay: float | None = None
@@ -135,6 +144,8 @@ class AlignmentConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+        if self.advantage_std not in ("group", "batch"):
+            raise ValueError(f"`advantage_std` must be 'group' or 'batch', got {self.advantage_std!r}.")
         if self.kl_type not in KL_TYPES:
             raise ValueError(f"`kl_type` must be one of {KL_TYPES}, got {self.kl_type!r}.")
         for name in (

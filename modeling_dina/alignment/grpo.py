@@ -17,13 +17,20 @@ from .sampling import (
 )
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
-    """`(r - mean_group) / (std_group + eps)` for rewards laid out as consecutive groups of `group_size`."""
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, std: str = "group") -> torch.Tensor:
+    """`(r - mean_group) / (s + eps)` for rewards laid out as consecutive groups of `group_size`, with `s` the
+    group's std (`std="group"`) or the std of all centred rewards of the batch (`"batch"`)."""
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"{tuple(rewards.shape)} rewards do not split into groups of {group_size}.")
     groups = rewards.float().view(-1, group_size)
-    mean, std = groups.mean(dim=1, keepdim=True), groups.std(dim=1, keepdim=True, unbiased=False)
-    return ((groups - mean) / (std + eps)).view(-1)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if std == "group":
+        scale = groups.std(dim=1, keepdim=True, unbiased=False)
+    elif std == "batch":
+        scale = centred.pow(2).mean().sqrt()
+    else:
+        raise ValueError(f"`std` must be 'group' or 'batch', got {std!r}.")
+    return (centred / (scale + eps)).view(-1)
 
 
 def grpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[str, float]:
@@ -72,7 +79,9 @@ def grpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
         repeated = [p for p in prompts for _ in range(group)]
         with meter.measure():
             rewards = call_reward(ctx.reward_fn, latents, cond.prompt_embeds, cond.pooled_prompt_embeds, repeated)
-    advantages = group_advantages(rewards, group).clamp(-config.adv_clip_max, config.adv_clip_max)
+    advantages = group_advantages(rewards, group, std=config.advantage_std).clamp(
+        -config.adv_clip_max, config.adv_clip_max
+    )
     advantages = advantages.to(latents.device)
 
     if config.train_timesteps is None or config.train_timesteps >= sde_steps:
@@ -85,7 +94,9 @@ def grpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
     for _ in range(config.inner_epochs):
         for i in train_steps:
             x, x_next = trajectory[i], trajectory[i + 1]
-            velocity = guided_velocity(transformer, x, timesteps[i], cond, config.guidance_scale)
+            velocity = guided_velocity(
+                transformer, x, timesteps[i], cond, config.guidance_scale, not config.train_unconditional
+            )
             _, log_prob, mean, std = transition(x, velocity, i, next_latents=x_next)
             ratio = torch.exp(log_prob - old_log_probs[i])
             clipped = torch.clamp(ratio, 1.0 - config.clip_range, 1.0 + config.clip_range)

@@ -4,6 +4,8 @@ A policy optimised against a fixed learned reward drifts to samples the reward h
 hacking). Every few steps `RewardRefresh` samples the current policy, has a labeler judge the samples (a checker, a
 VLM judge, people), pairs them within each prompt and fine-tunes the DiNa reward's LoRA and head on those pairs with
 the noise-calibrated Thurstone loss of its own training (SPEC §2), so the reward learns what the policy now produces.
+With `scored`, it labels the samples the alignment method itself scored since the last refresh (GRPO's groups: many
+more on-policy pairs per refresh, and no extra sampling) instead of sampling the policy.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from ..losses import thurstone_loss
 from ..modeling_dina import ADAPTER_NAME, DiNaRewardModel
 from ..noise import sample_noise_levels
-from .reward_fns import decode_latents
+from .reward_fns import DiNaLatentReward, decode_latents
 from .sampling import encode_prompts
 
 
@@ -33,6 +35,8 @@ class RewardRefresh:
         sample_kwargs: the policy's sampler settings (`num_inference_steps`, `guidance_scale`,
             `max_sequence_length`), as inference uses them.
         seed: seed of the prompt draws, the sampler, the pairs and the noise.
+        scored: the reward the policy is aligned against (wrapping `model`): when given, a refresh labels the
+            samples it scored (with prompts) since the last refresh instead of sampling `num_prompts` x `per_prompt`.
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class RewardRefresh:
         buffer_size: int = 2048,
         sample_kwargs: dict | None = None,
         seed: int = 0,
+        scored: DiNaLatentReward | None = None,
     ):
         if every < 1 or per_prompt < 2 or num_prompts < 1 or train_steps < 0 or batch_size < 1 or buffer_size < 1:
             raise ValueError(
@@ -65,33 +70,55 @@ class RewardRefresh:
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=0.0)
         self.generator = torch.Generator().manual_seed(seed)
         self.buffer: dict[str, torch.Tensor] = {}
+        self.scored = scored
+        if scored is not None:
+            if scored.model is not model:
+                raise ValueError("`scored` must be the reward built on `model`, the model the refresh trains.")
+            scored.scored = []
 
     def __call__(self, pipe, step: int) -> dict[str, float]:
         if step % self.every:
             return {}
-        pairs = self.label_pairs(pipe)
+        from_scored = self.scored is not None and bool(self.scored.scored)
+        if from_scored:
+            latents = torch.cat([x for x, _ in self.scored.scored])
+            prompts = [p for _, batch in self.scored.scored for p in batch]
+            self.scored.scored.clear()
+        else:
+            latents, prompts = self.sample(pipe)
+        pairs = self.label_pairs(pipe, latents, prompts)
         if self.buffer:
             pairs = {k: torch.cat([self.buffer[k], v]) for k, v in pairs.items()}
         self.buffer = {k: v[-self.buffer_size :] for k, v in pairs.items()}
         return {
+            "refresh/labelled": float(len(prompts)),
+            "refresh/from_scored": float(from_scored),
             "refresh/pairs": float(len(self.buffer["chosen"])),
             "refresh/loss": self.train() if self.train_steps else float("nan"),
         }
 
     @torch.no_grad()
-    def label_pairs(self, pipe) -> dict[str, torch.Tensor]:
-        """Sample the current policy, label the samples and pair them within each prompt (higher label preferred)."""
+    def sample(self, pipe) -> tuple[torch.Tensor, list[str]]:
+        """`per_prompt` samples of the current policy for each of `num_prompts` drawn prompts: (latents, prompts)."""
         picks = torch.randint(len(self.prompts), (self.num_prompts,), generator=self.generator).tolist()
         prompts = [self.prompts[i] for i in picks for _ in range(self.per_prompt)]
         seeds = torch.randint(2**31 - 1, (len(prompts),), generator=self.generator).tolist()
         generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
         latents = pipe(prompt=prompts, generator=generators, output_type="latent", **self.sample_kwargs).images
+        return latents, prompts
+
+    @torch.no_grad()
+    def label_pairs(self, pipe, latents: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Label the samples and pair every two of one prompt whose labels differ (the higher one chosen)."""
         labels = torch.as_tensor(self.labeler(decode_latents(pipe, latents), prompts), dtype=torch.float32)
         cond = encode_prompts(pipe, prompts, guidance_scale=1.0, **self._encode_kwargs())
+        by_prompt: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_prompt.setdefault(prompt, []).append(i)
         chosen, rejected = [], []
-        for start in range(0, len(prompts), self.per_prompt):
-            for i in range(start, start + self.per_prompt):
-                for j in range(start, start + self.per_prompt):
+        for group in by_prompt.values():
+            for i in group:
+                for j in group:
                     if labels[i] > labels[j]:
                         chosen.append(i)
                         rejected.append(j)

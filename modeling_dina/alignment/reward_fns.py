@@ -23,6 +23,9 @@ class DiNaLatentReward:
         model: the reward model (its backbone may be shared with the generator being aligned).
         noise_level: requested level(s) in [0, 1], snapped to the model's training grid (released: 0.4).
         seed: seed of the noise draws (`self.generator`, a CPU generator; checkpointed by the alignment loop).
+
+    `scored`: None, or a list to which every call with `prompts` appends `(latents, prompts)` (detached, on the CPU):
+    the samples an alignment method scored, which an on-policy reward refresh can label without sampling again.
     """
 
     def __init__(self, model: DiNaRewardModel, noise_level: float | Sequence[float] = 0.4, seed: int = 0):
@@ -32,6 +35,7 @@ class DiNaLatentReward:
             raise ValueError("`noise_level` must name at least one level.")
         self.levels = {"noise_level": levels[0]} if len(levels) == 1 else {"noise_levels": levels}
         self.generator = torch.Generator().manual_seed(seed)
+        self.scored: list[tuple[torch.Tensor, list[str]]] | None = None
 
     def __call__(
         self,
@@ -53,6 +57,8 @@ class DiNaLatentReward:
                 distinct = list(dict.fromkeys(prompts))
                 draws = torch.randn((len(distinct), *latents.shape[1:]), generator=self.generator)
                 noise = draws[torch.tensor([distinct.index(p) for p in prompts])]
+        if prompts is not None and self.scored is not None:
+            self.scored.append((latents.detach().cpu(), list(prompts)))
         out = self.model.score_clean(
             latents, prompt_embeds, pooled_prompt_embeds, encoder_attention_mask, noise=noise, **self.levels
         )

@@ -99,10 +99,16 @@ def initial_latents(
 
 
 def guided_velocity(
-    transformer, latents: torch.Tensor, timestep: torch.Tensor, cond: PromptEmbeddings, guidance_scale: float
+    transformer,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    cond: PromptEmbeddings,
+    guidance_scale: float,
+    detach_unconditional: bool = False,
 ) -> torch.Tensor:
     """The transformer's velocity, with classifier-free guidance when `guidance_scale > 1` (as the SD3 pipeline);
-    `timestep` is one value or one per sample."""
+    `timestep` is one value or one per sample. `detach_unconditional`: no gradient through the unconditional
+    (negative-prompt) branch (same value)."""
     cfg = guidance_scale > 1
     timestep = timestep.expand(latents.shape[0])
     if cfg:
@@ -124,6 +130,8 @@ def guided_velocity(
     if not cfg:
         return velocity
     uncond, text = velocity.chunk(2)
+    if detach_unconditional:
+        uncond = uncond.detach()
     return uncond + guidance_scale * (text - uncond)
 
 

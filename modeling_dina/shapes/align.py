@@ -27,7 +27,7 @@ from ..modeling_dina import DiNaRewardModel
 from .checker import check_many
 from .data import split_prompts
 from .generator import MAX_SEQUENCE_LENGTH, _latent_pool, evaluate_generator, load_generator, sample_images
-from .grammar import alternate_kinds
+from .grammar import alternate_kinds, group_by_kind
 from .report import held_out_prompts
 from .reward import REWARD_DIR, PixelReward, load_pixel_reward
 
@@ -76,13 +76,29 @@ def make_reward(pipe, reward: str, *, pixel_model=None, noise_level=None, seed: 
     raise ValueError(f"reward must be 'dina', 'pixel' or 'checker', got {reward!r}")
 
 
+def training_prompts(balanced: bool = False) -> list[str]:
+    """The train-split prompts; `balanced`: each kind cycled to the larger kind's size, so that a uniform draw picks
+    count and relation prompts equally often (as the held-out evaluation weighs them), every prompt kept."""
+    train = split_prompts()["train"]
+    if not balanced:
+        return train
+    return alternate_kinds(train, 2 * max(len(group) for group in group_by_kind(train)))
+
+
 def evaluation_fn(
-    num_samples: int, reward_fn=None, validation_samples: int = 64, seed: int = 10_000, skip_start: bool = False
+    num_samples: int,
+    reward_fn=None,
+    validation_samples: int = 64,
+    seed: int = 10_000,
+    skip_start: bool = False,
+    validation_compliance: bool = False,
 ):
     """`fn(pipe, step)`: the checker's compliance (with its 95 % Wilson interval) of one ODE sample per prompt over
     `num_samples` held-out (test-split) prompts, fixed seeds; with a differentiable latent `reward_fn` also its mean
     on `validation_samples` ODE samples of validation-split prompts (fixed noise): the early-stopping signal, which
-    never sees the test prompts. `skip_start`: nothing at step 0 (the shipped generator's figures do not change)."""
+    never sees the test prompts. `skip_start`: nothing at step 0 (the shipped generator's figures do not change).
+    `validation_compliance`: also the checker's compliance over `num_samples` draws of validation-split prompts
+    (other seeds): a model-selection signal that, like the reward refresh's labels, never sees a test prompt."""
     prompts = held_out_prompts(num_samples)
     validation = alternate_kinds(split_prompts()["validation"], validation_samples)
 
@@ -93,6 +109,11 @@ def evaluation_fn(
         low, high = wilson_interval(rates["overall"], num_samples)
         metrics = {"compliance": rates["overall"], "compliance_low": low, "compliance_high": high}
         metrics.update(count=rates["count"], position=rates["position"])
+        if validation_compliance:
+            draws = evaluate_generator(
+                pipe, split_prompts()["validation"], num_samples=num_samples, best_of=1, seed=2 * seed
+            )
+            metrics["validation_compliance"] = draws["random"]["overall"]
         if reward_fn is not None:
             metrics["validation_reward"] = validation_reward(pipe, reward_fn, validation, seed)
         return metrics
@@ -140,19 +161,28 @@ def run_shapes_alignment(
     skip_start_eval: bool = False,
     threads: int | None = None,
     refresh_every: int = 0,
+    refresh_scored: bool = False,
+    refresh_train_steps: int = 20,
+    refresh_learning_rate: float = 1e-4,
+    balanced_prompts: bool = False,
     **overrides,
 ) -> list[dict]:
     """Align the shipped generator on the train-split prompts; `overrides` are `AlignmentConfig` fields (method,
-    steps, learning_rate, ...); `threads` sets torch's intra-op threads (1 is faster on a busy machine);
+    steps, learning_rate, ...); `threads` sets torch's intra-op threads (1 is faster on a busy machine).
+
     `refresh_every` > 0 refreshes the DiNa reward on checker-labelled samples of the current policy (train-split
-    prompts) every that many steps (`RewardRefresh`). Logs (`log.jsonl`, `curves.png`) and the LoRA in
-    `output_dir`."""
+    prompts) every that many steps (`RewardRefresh`: `refresh_train_steps` updates at `refresh_learning_rate`): the
+    method's own scored samples with `refresh_scored` (GRPO's groups), else 16 prompts x 4 fresh samples.
+    `balanced_prompts`: batches draw count and relation prompts equally often, as the held-out evaluation does (the
+    train split holds 7x more relation prompts). With `early_stopping_metric="validation_compliance"` the evaluations
+    add the checker's compliance on validation-split prompts and the LoRA kept is the best by it. Logs (`log.jsonl`,
+    `curves.png`) and the LoRA in `output_dir`."""
     torch.set_flush_denormal(True)
     if threads:
         torch.set_num_threads(threads)
     pipe = load_generator()
     values = dict(
-        prompts=split_prompts()["train"],
+        prompts=training_prompts(balanced_prompts),
         steps=150,
         batch_size=8,
         learning_rate=3e-4,
@@ -177,14 +207,23 @@ def run_shapes_alignment(
             checker_reward,
             config.load_prompts(),
             every=refresh_every,
+            train_steps=refresh_train_steps,
+            learning_rate=refresh_learning_rate,
             sample_kwargs=sampler,
             seed=config.seed,
+            scored=reward_fn if refresh_scored else None,
         )
     return align(
         pipe,
         reward_fn,
         config,
-        eval_fn=evaluation_fn(eval_samples, differentiable, validation_samples, skip_start=skip_start_eval),
+        eval_fn=evaluation_fn(
+            eval_samples,
+            differentiable,
+            validation_samples,
+            skip_start=skip_start_eval,
+            validation_compliance=config.early_stopping_metric == "validation_compliance",
+        ),
         pretrain_data=pretrain_data,
         step_callback=refresh,
     )
@@ -216,6 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--refresh-every", type=int, default=0, help="refresh DiNa-LRM on checker-labelled policy samples every N steps"
     )
+    parser.add_argument(
+        "--refresh-scored", action="store_true", help="refresh on the samples the method scored (GRPO's groups)"
+    )
+    parser.add_argument("--refresh-train-steps", type=int, default=20, help="reward updates per refresh")
+    parser.add_argument("--refresh-learning-rate", type=float, default=1e-4, help="the reward's rate in a refresh")
+    parser.add_argument("--balanced-prompts", action="store_true", help="draw count and relation prompts equally often")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="AlignmentConfig fields (JSON)")
     args = parser.parse_args(argv)
     run_shapes_alignment(
@@ -226,6 +271,10 @@ def main(argv: list[str] | None = None) -> None:
         skip_start_eval=args.skip_start_eval,
         threads=args.threads,
         refresh_every=args.refresh_every,
+        refresh_scored=args.refresh_scored,
+        refresh_train_steps=args.refresh_train_steps,
+        refresh_learning_rate=args.refresh_learning_rate,
+        balanced_prompts=args.balanced_prompts,
         **parse_overrides(args.set),
     )
 

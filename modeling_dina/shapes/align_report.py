@@ -52,6 +52,20 @@ REFL_RECIPE = dict(
     learning_rate=1e-3,
     eval_every=10,
 )
+# GRPO with exploration on a coarse lattice, kinds balanced, batch-std advantages, the unconditional branch out of
+# the gradient and the LoRA selected on validation prompts (this stop's settings; docs/shapes/alignment_notes.md).
+ONLINE = dict(
+    GRPO,
+    steps=60,
+    learning_rate=3e-4,
+    sde_noise_grid=4,
+    eval_every=10,
+    advantage_std="batch",
+    train_unconditional=False,
+    early_stopping_metric="validation_compliance",
+    early_stopping_patience=10,
+    balanced_prompts=True,
+)
 RANKED = dict(batch_size=8, num_inference_steps=10, eval_every=25)
 # name -> (reward, run_shapes_alignment keywords, what the run is). Every run starts from the shipped generator.
 HEADLINE_RUNS: dict[str, tuple[str, dict, str]] = {
@@ -62,6 +76,20 @@ HEADLINE_RUNS: dict[str, tuple[str, dict, str]] = {
         {**GRPO, "steps": 60, "learning_rate": 3e-4, "sde_noise_grid": 4, "eval_every": 10, "refresh_every": 5},
         "GRPO against DiNa-LRM, SDE noise on a 4x4 lattice, lr 3e-4, DiNa-LRM refreshed every 5 steps on "
         "checker-labelled policy samples",
+    ),
+    "grpo-checker-online": (
+        "checker",
+        ONLINE,
+        "GRPO against the exact checker: SDE noise on a 4x4 lattice, lr 3e-4, count and relation prompts balanced, "
+        "batch-std advantages, no gradient through the unconditional branch, the LoRA kept: the best "
+        "validation-prompt compliance (tests the loop)",
+    ),
+    "grpo-dina-online": (
+        "dina",
+        {**ONLINE, "refresh_every": 5, "refresh_scored": True, "refresh_train_steps": 40},
+        "GRPO against DiNa-LRM as grpo-dina-refresh, count and relation prompts balanced, batch-std advantages, no "
+        "gradient through the unconditional branch, DiNa-LRM refreshed every 5 steps on the 320 samples GRPO "
+        "scored, the LoRA kept: the best validation-prompt compliance",
     ),
     "dpo-checker": (
         "checker",
@@ -107,12 +135,16 @@ def describe(folder: str | Path) -> str:
         return HEADLINE_RUNS[name][2]
     c = json.loads(Path(folder, "alignment_config.json").read_text())
     parts = [c["method"], f"lr {c['learning_rate']:g}", f"{c['batch_size']} prompts"]
+    if isinstance(c["prompts"], list) and len(set(c["prompts"])) < len(c["prompts"]):
+        parts[-1] += " (kinds balanced)"
     if c["method"] == "grpo":
         parts += [f"group {c['group_size']}", "shared starts" if c.get("share_initial_noise") else "own starts"]
         parts.append(f"SDE on {c.get('sde_steps') or c['num_inference_steps']} of {c['num_inference_steps']} steps")
         if grid := c.get("sde_noise_grid"):
             parts.append(f"SDE noise on a {grid}x{grid} lattice")
         parts += [f"KL weight {c['kl_weight']:g}"] if c.get("kl_weight") else []
+        parts += ["batch-std advantages"] if c.get("advantage_std") == "batch" else []
+        parts += ["no gradient through the unconditional branch"] if c.get("train_unconditional") is False else []
     elif c["method"] in ("dpo", "raft"):
         parts += [f"group {c['group_size']}", f"{c['inner_epochs']} updates/batch"]
         parts += [f"beta {c['dpo_beta']:g}"] if c["method"] == "dpo" else []
@@ -121,9 +153,12 @@ def describe(folder: str | Path) -> str:
     else:
         parts += [f"u = {c['reward_noise_level']}", f"pretrain weight {c['pretrain_weight']:g}"]
     log = Path(folder, "log.jsonl")
-    refreshed = [r["step"] for r in map(json.loads, log.read_text().splitlines()) if "refresh/pairs" in r]
+    refreshed = [r for r in map(json.loads, log.read_text().splitlines()) if "refresh/pairs" in r]
     if refreshed:
-        parts.append(f"DiNa-LRM refreshed every {refreshed[0]} steps")
+        source = " on its scored samples" if refreshed[0].get("refresh/from_scored") else ""
+        parts.append(f"DiNa-LRM refreshed every {refreshed[0]['step']} steps{source}")
+    if c.get("early_stopping_metric"):
+        parts.append(f"LoRA kept: the best {c['early_stopping_metric'].replace('_', ' ')}")
     return ", ".join(parts)
 
 
@@ -143,13 +178,15 @@ def run_headline(runs_dir: str | Path, names=None, seeds=SEEDS) -> None:
 @functools.lru_cache(maxsize=4)
 def _checked_compliance(lora: str | None, num_samples: int, seed: int) -> dict:
     """Compliance (and its Wilson interval) of the shipped generator, with the LoRA at `lora` when given, on
-    `num_samples` held-out draws seeded from `seed`; cached, so the base is evaluated once per report build."""
+    `num_samples` held-out draws seeded from `seed`, and its `rates` per attribute and prompt kind; cached, so the
+    base is evaluated once per report build."""
     pipe = load_generator()
     if lora is not None:
         pipe.load_lora_weights(lora)
     prompts = held_out_prompts(num_samples)
-    rate = evaluate_generator(pipe, prompts, num_samples=num_samples, best_of=1, seed=seed)["random"]["overall"]
-    return {"compliance": rate, "interval": list(wilson_interval(rate, num_samples))}
+    rates = evaluate_generator(pipe, prompts, num_samples=num_samples, best_of=1, seed=seed)["random"]
+    rate = rates["overall"]
+    return {"compliance": rate, "interval": list(wilson_interval(rate, num_samples)), "rates": rates}
 
 
 def check_run(folder: str | Path, num_samples: int = CHECK_DRAWS, seed: int = CHECK_SEED) -> dict:
@@ -215,6 +252,37 @@ def _plot(summaries: dict[str, dict], x: str, label: str, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+BREAKDOWN = (
+    ("overall_count", "count prompts"),
+    ("overall_relation", "relation prompts"),
+    ("colour", "colour"),
+    ("shape", "shape"),
+    ("count", "count"),
+    ("position", "position"),
+)
+
+
+def _breakdown_table(summaries: dict[str, dict]) -> list[str]:
+    """Where a checked run gained or lost: compliance per prompt kind and each attribute's rate, base → final
+    (runs checked before the breakdown was recorded are left out)."""
+    checked = {name: s["check"] for name, s in summaries.items() if s["check"] and "rates" in s["check"]["aligned"]}
+    if not checked:
+        return []
+    lines = [
+        "",
+        f"Where the checked runs gain or lose ({CHECK_DRAWS} fresh draws, %, base → final; compliance per prompt "
+        "kind, then the rate of each attribute over the prompts that have it):",
+        "",
+        "| run | " + " | ".join(label for _, label in BREAKDOWN) + " |",
+        "|---|" + "---|" * len(BREAKDOWN),
+    ]
+    for name, check in checked.items():
+        base, final = check["base"]["rates"], check["aligned"]["rates"]
+        cells = [f"{100 * base[key]:.1f} → {100 * final[key]:.1f}" for key, _ in BREAKDOWN]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_alignment_report(runs_dir: str | Path, output_dir: str | Path, command: str) -> Path:
     """`alignment.md` + two plots from every finished run folder under `runs_dir`."""
     out = Path(output_dir)
@@ -256,6 +324,7 @@ def write_alignment_report(runs_dir: str | Path, output_dir: str | Path, command
             f"| {name} | {what} | {s['steps']} | {s['minutes']:.1f} | {s['reward_gflop_per_step']:.2f} | "
             f"{_percent(start)} | {_percent(end)} | {_percent(best)} ({best['step']}) | {checked} |"
         )
+    lines += _breakdown_table(summaries)
     lines += [
         "",
         "![compliance vs time](alignment_vs_time.png)",
