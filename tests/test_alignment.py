@@ -264,10 +264,10 @@ def test_grpo_shared_starts_and_sde_window(tiny_sd3_dir, tmp_path, monkeypatch):
 
         return wrapped
 
-    def velocity(transformer, latents, timestep, cond, scale):
+    def velocity(transformer, latents, timestep, cond, scale, **kwargs):
         if timestep == calls.setdefault("first_t", timestep) and not torch.is_grad_enabled():
             calls["starts"].append(latents.clone())
-        return real_velocity(transformer, latents, timestep, cond, scale)
+        return real_velocity(transformer, latents, timestep, cond, scale, **kwargs)
 
     monkeypatch.setattr(grpo, "sde_step", count("sde", real_sde))
     monkeypatch.setattr(grpo, "euler_step", count("euler", real_euler))

@@ -95,7 +95,12 @@ def grpo_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
         for i in train_steps:
             x, x_next = trajectory[i], trajectory[i + 1]
             velocity = guided_velocity(
-                transformer, x, timesteps[i], cond, config.guidance_scale, not config.train_unconditional
+                transformer,
+                x,
+                timesteps[i],
+                cond,
+                config.guidance_scale,
+                detach_unconditional=not config.train_unconditional,
             )
             _, log_prob, mean, std = transition(x, velocity, i, next_latents=x_next)
             ratio = torch.exp(log_prob - old_log_probs[i])
