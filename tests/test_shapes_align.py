@@ -184,6 +184,7 @@ def test_shapes_refl_recipe_run(tmp_path):
     text = write_alignment_report(tmp_path, tmp_path / "docs", "the command").read_text()
     assert "not run" not in text and summarise_run(tmp_path / "refl")["check"] == check
     assert check["aligned"]["rates"]["overall"] == check["aligned"]["compliance"]
+    assert f"(LoRA of step {best})" in text  # early stopping kept that step's LoRA, and the check says so
     breakdown = text[text.index("| run | count prompts | relation prompts |") :]
     assert breakdown.splitlines()[2].startswith("| refl | ") and breakdown.splitlines()[2].count("→") == 6
     assert summary["curve"][-1]["reward_gflop"] == pytest.approx(3 * summary["reward_gflop_per_step"])

@@ -320,6 +320,8 @@ def write_alignment_report(runs_dir: str | Path, output_dir: str | Path, command
                 f"{_percent({'compliance': base['compliance'], 'interval': base['interval']})} → "
                 f"{_percent({'compliance': final['compliance'], 'interval': final['interval']})}"
             )
+            if s["best_step"] is not None:  # early stopping kept the best evaluated LoRA, not the last
+                checked += f" (LoRA of step {s['best_step']})"
         lines.append(
             f"| {name} | {what} | {s['steps']} | {s['minutes']:.1f} | {s['reward_gflop_per_step']:.2f} | "
             f"{_percent(start)} | {_percent(end)} | {_percent(best)} ({best['step']}) | {checked} |"
