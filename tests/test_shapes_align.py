@@ -227,6 +227,12 @@ def test_gradient_snr_gradients_are_independent_batches_of_one_step():
 def test_describe_names_a_runs_settings(tmp_path):
     folder = tmp_path / "grpo-dina-x1"
     folder.mkdir()
+
+    def described(config: AlignmentConfig, log: str) -> str:
+        (folder / "alignment_config.json").write_text(json.dumps(config.to_dict()))
+        (folder / "log.jsonl").write_text(log)
+        return describe(folder)
+
     config = AlignmentConfig(
         method="grpo",
         learning_rate=3e-4,
@@ -238,13 +244,11 @@ def test_describe_names_a_runs_settings(tmp_path):
         sde_noise_grid=4,
         kl_weight=0.04,
     )
-    (folder / "alignment_config.json").write_text(json.dumps(config.to_dict()))
-    (folder / "log.jsonl").write_text('{"step": 1}\n{"step": 5, "refresh/pairs": 64}\n')
-    assert describe(folder) == (
+    assert described(config, '{"step": 1}\n{"step": 5, "refresh/pairs": 64}\n') == (
         "grpo, lr 0.0003, 8 prompts, group 8, shared starts, SDE on 2 of 10 steps, SDE noise on a 4x4 lattice, "
         "KL weight 0.04, DiNa-LRM refreshed every 5 steps"
     )
-    config = dataclasses.replace(
+    online = dataclasses.replace(
         config,
         prompts=training_prompts(balanced=True),
         kl_weight=0.0,
@@ -253,9 +257,7 @@ def test_describe_names_a_runs_settings(tmp_path):
         early_stopping_metric="validation_compliance",
         eval_every=10,
     )
-    (folder / "alignment_config.json").write_text(json.dumps(config.to_dict()))
-    (folder / "log.jsonl").write_text('{"step": 5, "refresh/pairs": 64, "refresh/from_scored": 1.0}\n')
-    assert describe(folder) == (
+    assert described(online, '{"step": 5, "refresh/pairs": 64, "refresh/from_scored": 1.0}\n') == (
         "grpo, lr 0.0003, 8 prompts (kinds balanced), group 8, shared starts, SDE on 2 of 10 steps, SDE noise on a "
         "4x4 lattice, batch-std advantages, no gradient through the unconditional branch, DiNa-LRM refreshed every "
         "5 steps on its scored samples, LoRA kept: the best validation compliance"

@@ -36,7 +36,8 @@ class RewardRefresh:
             `max_sequence_length`), as inference uses them.
         seed: seed of the prompt draws, the sampler, the pairs and the noise.
         scored: the reward the policy is aligned against (wrapping `model`): when given, a refresh labels the
-            samples it scored (with prompts) since the last refresh instead of sampling `num_prompts` x `per_prompt`.
+            samples it scored (with prompts) since the last refresh instead of sampling `num_prompts` x `per_prompt`
+            (it samples only when there are none, e.g. ReFL's differentiable calls pass no prompts).
     """
 
     def __init__(

@@ -100,7 +100,8 @@ def evaluation_fn(
     `validation_compliance`: also the checker's compliance over `num_samples` draws of validation-split prompts
     (other seeds): a model-selection signal that, like the reward refresh's labels, never sees a test prompt."""
     prompts = held_out_prompts(num_samples)
-    validation = alternate_kinds(split_prompts()["validation"], validation_samples)
+    validation_split = split_prompts()["validation"]
+    validation = alternate_kinds(validation_split, validation_samples)
 
     def evaluate(pipe, step):
         if skip_start and step == 0:
@@ -110,9 +111,7 @@ def evaluation_fn(
         metrics = {"compliance": rates["overall"], "compliance_low": low, "compliance_high": high}
         metrics.update(count=rates["count"], position=rates["position"])
         if validation_compliance:
-            draws = evaluate_generator(
-                pipe, split_prompts()["validation"], num_samples=num_samples, best_of=1, seed=2 * seed
-            )
+            draws = evaluate_generator(pipe, validation_split, num_samples=num_samples, best_of=1, seed=2 * seed)
             metrics["validation_compliance"] = draws["random"]["overall"]
         if reward_fn is not None:
             metrics["validation_reward"] = validation_reward(pipe, reward_fn, validation, seed)
