@@ -738,6 +738,42 @@ def test_reward_refresh_labels_the_samples_the_method_scored(tiny_sd3_dir, monke
     assert reward.scored == []
 
 
+def test_reward_refresh_trains_at_the_given_noise_levels(tiny_sd3_dir, monkeypatch):
+    """With `noise_levels`, every pair of a refresh update is seen at one of those levels (both latents of a pair at
+    the same one); without, the levels are spread over [0, 1]; levels outside [0, 1] are refused."""
+    from modeling_dina.alignment.refresh import RewardRefresh
+
+    pipe, model = build(tiny_sd3_dir)
+    brightness = lambda images, prompts: [float(np.asarray(im).mean()) for im in images]  # noqa: E731
+    with pytest.raises(ValueError, match="noise_levels"):
+        RewardRefresh(model, brightness, PROMPTS, noise_levels=[0.4, 1.5])
+    seen = []
+    score_clean = model.score_clean
+
+    def spy(*args, noise_level=None, **kwargs):
+        seen.append(noise_level.clone())
+        return score_clean(*args, noise_level=noise_level, **kwargs)
+
+    monkeypatch.setattr(model, "score_clean", spy)
+    for levels in ([0.4, 0.7], None):
+        seen.clear()
+        refresh = RewardRefresh(model, brightness, PROMPTS, train_steps=3, batch_size=4, noise_levels=levels)
+        cond = encode_prompts(pipe, PROMPTS[:1], guidance_scale=1.0, max_sequence_length=16)
+        refresh.buffer = {
+            "chosen": torch.randn(6, 4, 8, 8),
+            "rejected": torch.randn(6, 4, 8, 8),
+            "prompt_embeds": cond.prompt_embeds.repeat(6, 1, 1),
+            "pooled_prompt_embeds": cond.pooled_prompt_embeds.repeat(6, 1),
+        }
+        assert math.isfinite(refresh.train())
+        drawn = torch.cat([u.view(2, -1) for u in seen], dim=1)
+        assert len(seen) == 3 and torch.equal(drawn[0], drawn[1])  # a pair's two latents share their level
+        if levels is None:
+            assert len(drawn[0].unique()) == drawn.shape[1]  # uniform draws: all distinct
+        else:
+            assert drawn.shape[1] == 12 and all(min(abs(u - v) for v in levels) < 1e-6 for u in drawn[0].tolist())
+
+
 def test_latent_reward_shares_the_noise_draw_within_a_prompt(tiny_sd3_dir):
     """Common random numbers: samples of one prompt see one noise draw, so equal latents of a prompt score equal and
     a group's reward differences come from its images; different prompts get their own draws."""

@@ -123,7 +123,8 @@ def test_shapes_dina_grpo_run(tmp_path):
 
 def test_shapes_dina_grpo_online_run(tmp_path):
     """The online settings: kinds balanced, batch-std advantages, DiNa refreshed on the very samples GRPO scored
-    (2 prompts x 2 per step), and the LoRA kept is the one with the best validation-prompt compliance."""
+    (2 prompts x 2 per step) at the level it scores at, and the LoRA kept is the one with the best validation-prompt
+    compliance."""
     records, _ = run(
         tmp_path,
         "online",
@@ -133,12 +134,14 @@ def test_shapes_dina_grpo_online_run(tmp_path):
         refresh_every=1,
         refresh_scored=True,
         refresh_train_steps=2,
+        refresh_at_scoring_level=True,
         balanced_prompts=True,
         advantage_std="batch",
         early_stopping_metric="validation_compliance",
         early_stopping_patience=5,
     )
     assert all(r["refresh/from_scored"] == 1.0 and r["refresh/labelled"] == 4 for r in records[1:])
+    assert all(r["refresh/fixed_levels"] == 1.0 for r in records[1:])
     assert all(0 <= r["eval/validation_compliance"] <= 1 for r in (records[0], records[-1]))
     assert records[-1]["best_step"] in (0, 2)
     config = json.loads((tmp_path / "online" / "alignment_config.json").read_text())
@@ -188,6 +191,12 @@ def test_shapes_refl_recipe_run(tmp_path):
     breakdown = text[text.index("| run | count prompts | relation prompts |") :]
     assert breakdown.splitlines()[2].startswith("| refl | ") and breakdown.splitlines()[2].count("→") == 6
     assert summary["curve"][-1]["reward_gflop"] == pytest.approx(3 * summary["reward_gflop_per_step"])
+    # a run of an earlier build whose folder is not here keeps its row; the runs here are read afresh
+    stored = json.loads((tmp_path / "docs" / "alignment.json").read_text())
+    earlier = {**stored["refl"], "what": "a run made elsewhere", "steps": 7}
+    (tmp_path / "docs" / "alignment.json").write_text(json.dumps({"earlier": earlier, "refl": {}}))
+    text = write_alignment_report(tmp_path, tmp_path / "docs", "the command").read_text()
+    assert "| earlier | a run made elsewhere | 7 |" in text and text.count("| refl | refl, ") == 1
 
 
 def test_shapes_refl_with_reward_refresh(tmp_path):
@@ -261,6 +270,11 @@ def test_describe_names_a_runs_settings(tmp_path):
         "grpo, lr 0.0003, 8 prompts (kinds balanced), group 8, shared starts, SDE on 2 of 10 steps, SDE noise on a "
         "4x4 lattice, batch-std advantages, no gradient through the unconditional branch, DiNa-LRM refreshed every "
         "5 steps on its scored samples, LoRA kept: the best validation compliance"
+    )
+    level = '{"step": 5, "refresh/pairs": 64, "refresh/from_scored": 1.0, "refresh/fixed_levels": 1.0}\n'
+    assert described(online, level).endswith(
+        "DiNa-LRM refreshed every 5 steps on its scored samples at the scoring noise level, LoRA kept: the best "
+        "validation compliance"
     )
 
 

@@ -38,6 +38,8 @@ class RewardRefresh:
         scored: the reward the policy is aligned against (wrapping `model`): when given, a refresh labels the
             samples it scored (with prompts) since the last refresh instead of sampling `num_prompts` x `per_prompt`
             (it samples only when there are none, e.g. ReFL's differentiable calls pass no prompts).
+        noise_levels: the levels a refresh trains at, one drawn per pair: None = uniform on [0, 1] (the reward's own
+            training); the level(s) the alignment scores at spend every update on the comparisons it reads.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class RewardRefresh:
         sample_kwargs: dict | None = None,
         seed: int = 0,
         scored: DiNaLatentReward | None = None,
+        noise_levels: Sequence[float] | None = None,
     ):
         if every < 1 or per_prompt < 2 or num_prompts < 1 or train_steps < 0 or batch_size < 1 or buffer_size < 1:
             raise ValueError(
@@ -65,6 +68,9 @@ class RewardRefresh:
         self.every, self.num_prompts, self.per_prompt = every, num_prompts, per_prompt
         self.train_steps, self.batch_size, self.buffer_size = train_steps, batch_size, buffer_size
         self.sample_kwargs = dict(sample_kwargs or {})
+        if noise_levels is not None and (not noise_levels or any(not 0 <= u <= 1 for u in noise_levels)):
+            raise ValueError(f"`noise_levels` must be a non-empty list of levels in [0, 1], got {noise_levels}.")
+        self.noise_levels = None if noise_levels is None else torch.tensor(noise_levels, dtype=torch.float32)
         self.params = [
             p for n, p in model.named_parameters() if f".{ADAPTER_NAME}." in n or n.startswith("reward_head.")
         ]
@@ -94,6 +100,7 @@ class RewardRefresh:
         return {
             "refresh/labelled": float(len(prompts)),
             "refresh/from_scored": float(from_scored),
+            "refresh/fixed_levels": float(self.noise_levels is not None),
             "refresh/pairs": float(len(self.buffer["chosen"])),
             "refresh/loss": self.train() if self.train_steps else float("nan"),
         }
@@ -136,8 +143,9 @@ class RewardRefresh:
         return {"max_sequence_length": length}
 
     def train(self) -> float:
-        """`train_steps` updates of the reward on pairs from the buffer: one uniform noise level and one draw per
-        pair, shared by its two latents (common random numbers, SPEC §1); returns the mean loss."""
+        """`train_steps` updates of the reward on pairs from the buffer: one noise level (uniform, or one of
+        `noise_levels`) and one draw per pair, shared by its two latents (common random numbers, SPEC §1); returns
+        the mean loss."""
         count = len(self.buffer.get("chosen", ()))
         if not count:
             return float("nan")
@@ -149,7 +157,7 @@ class RewardRefresh:
             for _ in range(self.train_steps):
                 index = torch.randint(count, (min(self.batch_size, count),), generator=self.generator)
                 batch = {k: v[index].to(device) for k, v in self.buffer.items()}
-                levels = sample_noise_levels(len(index), generator=self.generator)
+                levels = self.draw_levels(len(index))
                 noise = torch.randn(batch["chosen"].shape, generator=self.generator).to(device)
                 out = self.model.score_clean(
                     torch.cat([batch["chosen"], batch["rejected"]]),
@@ -168,6 +176,11 @@ class RewardRefresh:
             for p in self.params:
                 p.requires_grad_(False)
         return sum(losses) / len(losses)
+
+    def draw_levels(self, n: int) -> torch.Tensor:
+        if self.noise_levels is None:
+            return sample_noise_levels(n, generator=self.generator)
+        return self.noise_levels[torch.randint(len(self.noise_levels), (n,), generator=self.generator)]
 
     def state_dict(self) -> dict:
         return {

@@ -33,6 +33,7 @@ class DiNaLatentReward:
         levels = [noise_level] if isinstance(noise_level, (int, float)) else list(noise_level)
         if not levels:
             raise ValueError("`noise_level` must name at least one level.")
+        self.noise_levels = levels
         self.levels = {"noise_level": levels[0]} if len(levels) == 1 else {"noise_levels": levels}
         self.generator = torch.Generator().manual_seed(seed)
         self.scored: list[tuple[torch.Tensor, list[str]]] | None = None

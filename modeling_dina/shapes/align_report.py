@@ -66,6 +66,8 @@ ONLINE = dict(
     early_stopping_patience=10,
     balanced_prompts=True,
 )
+# DiNa-LRM refreshed every 5 steps on the samples GRPO scored, trained at the level it scores at (this stop's change).
+LEVEL_REFRESH = dict(refresh_every=5, refresh_scored=True, refresh_train_steps=40, refresh_at_scoring_level=True)
 RANKED = dict(batch_size=8, num_inference_steps=10, eval_every=25)
 # name -> (reward, run_shapes_alignment keywords, what the run is). Every run starts from the shipped generator.
 HEADLINE_RUNS: dict[str, tuple[str, dict, str]] = {
@@ -90,6 +92,23 @@ HEADLINE_RUNS: dict[str, tuple[str, dict, str]] = {
         "GRPO against DiNa-LRM as grpo-dina-refresh, count and relation prompts balanced, batch-std advantages, no "
         "gradient through the unconditional branch, DiNa-LRM refreshed every 5 steps on the 320 samples GRPO "
         "scored, the LoRA kept: the best validation-prompt compliance",
+    ),
+    "grpo-dina-level": (
+        "dina",
+        {**ONLINE, **LEVEL_REFRESH},
+        "GRPO against DiNa-LRM as grpo-dina-online, the refresh training at the scoring noise level (u = 0.4) "
+        "instead of uniform levels",
+    ),
+    "grpo-dina-level-b16": (
+        "dina",
+        {**ONLINE, **LEVEL_REFRESH, "batch_size": 16, "steps": 40},
+        "as grpo-dina-level with 16 prompts per step (128 samples), 40 steps",
+    ),
+    "grpo-dina-level-sde4": (
+        "dina",
+        {**ONLINE, **LEVEL_REFRESH, "sde_steps": 4},
+        "as grpo-dina-level with the SDE exploring (and trained) on the first 4 of 10 steps (sigma 1 to 0.86) "
+        "instead of 2",
     ),
     "dpo-checker": (
         "checker",
@@ -156,6 +175,7 @@ def describe(folder: str | Path) -> str:
     refreshed = [r for r in map(json.loads, log.read_text().splitlines()) if "refresh/pairs" in r]
     if refreshed:
         source = " on its scored samples" if refreshed[0].get("refresh/from_scored") else ""
+        source += " at the scoring noise level" if refreshed[0].get("refresh/fixed_levels") else ""
         parts.append(f"DiNa-LRM refreshed every {refreshed[0]['step']} steps{source}")
     if c.get("early_stopping_metric"):
         parts.append(f"LoRA kept: the best {c['early_stopping_metric'].replace('_', ' ')}")
@@ -284,13 +304,18 @@ def _breakdown_table(summaries: dict[str, dict]) -> list[str]:
 
 
 def write_alignment_report(runs_dir: str | Path, output_dir: str | Path, command: str) -> Path:
-    """`alignment.md` + two plots from every finished run folder under `runs_dir`."""
+    """`alignment.md` + two plots from every finished run folder under `runs_dir`, and the rows of the runs in an
+    earlier `alignment.json` of `output_dir` whose folders are not there (runs made on another machine)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     folders = sorted(d for d in Path(runs_dir).iterdir() if (d / "log.jsonl").is_file())
     if not folders:
         raise FileNotFoundError(f"no alignment runs (folders with log.jsonl) under {runs_dir}")
-    summaries = {d.name: summarise_run(d) for d in folders}
+    # Runs measured on another machine (an earlier build of this report) keep their row from its alignment.json.
+    earlier = out / "alignment.json"
+    summaries = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    summaries.update({d.name: {**summarise_run(d), "what": describe(d)} for d in folders})
+    summaries = dict(sorted(summaries.items()))
     _plot(summaries, "minutes", "training minutes", out / "alignment_vs_time.png")
     _plot(summaries, "reward_gflop", "reward GFLOPs", out / "alignment_vs_flops.png")
     lines = [
@@ -309,7 +334,7 @@ def write_alignment_report(runs_dir: str | Path, output_dir: str | Path, command
         "|---|---|---:|---:|---:|---|---|---|---|",
     ]
     for name, s in summaries.items():
-        what = describe(Path(runs_dir) / name)
+        what = s["what"]
         start, end = s["curve"][0], s["curve"][-1]
         best = max(s["curve"], key=lambda p: p["compliance"])
         check = s["check"]
