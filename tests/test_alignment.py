@@ -1,5 +1,6 @@
 """Alignment (ReFL / Flow-GRPO) of a tiny SD3 generator against a tiny DiNa reward sharing its blocks."""
 
+import dataclasses
 import json
 import math
 
@@ -227,6 +228,39 @@ def test_refl_gradient_checkpointing_gives_the_same_update(tiny_sd3_dir, tmp_pat
         results.append(generator_lora_state_dict(pipe.transformer))
     for key, value in results[0].items():
         torch.testing.assert_close(results[1][key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_refl_policy_grad_steps_update_the_lora_only_at_the_first_steps(tiny_sd3_dir, tmp_path):
+    """`policy_grad_steps=1` of 3: the LoRA's gradient is that of the chain in which the later two steps run with the
+    LoRA's weights held as constants (recomputed by hand with `torch.func.functional_call`), and differs from the
+    full chain's."""
+    reward = lambda latents, embeds, pooled: latents.float().sin().mean(dim=(1, 2, 3))  # noqa: E731
+    grads = {}
+    for policy_grad_steps in (1, None):
+        pipe = load_pipe(tiny_sd3_dir)
+        cfg = config(tmp_path, f"pg{policy_grad_steps}", grad_steps=None, policy_grad_steps=policy_grad_steps)
+        ctx = prepare_context(pipe, reward, dataclasses.replace(cfg, max_sequence_length=16, max_grad_norm=None))
+        with torch.no_grad():  # give the LoRA (B = 0 at start) an effect
+            for p in ctx.params:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+        start = ctx.generator.get_state()
+        ctx.optimizer_step = lambda: 0.0  # keep the gradients, change nothing
+        refl_step(ctx, PROMPTS[:2], RewardMeter(torch.device("cpu")))
+        grads[policy_grad_steps] = [p.grad.clone() for p in ctx.params]
+    transformer = pipe.transformer
+    fixed = {n: p.detach() for n, p in transformer.named_parameters() if p.requires_grad}
+    ctx.generator.set_state(start)
+    latents = initial_latents(pipe, 2, ctx.height, ctx.width, ctx.generator)
+    sigmas, timesteps = inference_schedule(pipe, 3, latents.shape)
+    cond = ctx.encode(PROMPTS[:2])
+    for i in range(3):
+        model = transformer if i == 0 else lambda **kw: torch.func.functional_call(transformer, fixed, (), kw)
+        velocity = guided_velocity(model, latents, timesteps[i], cond, 3.0)
+        latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1] if i < 2 else 0.0)
+    expected = torch.autograd.grad(-reward(latents, None, None).mean(), ctx.params)
+    for got, want in zip(grads[1], expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-8)
+    assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(grads[1], grads[None]))
 
 
 def test_refl_rejects_a_non_differentiable_reward(tiny_sd3_dir, tmp_path):
@@ -789,3 +823,58 @@ def test_latent_reward_shares_the_noise_draw_within_a_prompt(tiny_sd3_dir):
     assert redrawn[0] == redrawn[1] and redrawn[1] != redrawn[2]  # same inputs, another draw for "q"
     independent = reward(latents, cond.prompt_embeds, cond.pooled_prompt_embeds)
     assert independent[0] != independent[1]
+
+
+def test_reward_refresh_adversarial_pairs(tiny_sd3_dir):
+    """`adversarial_steps`: each labelled sample is pushed up the reward's gradient (steps of the given RMS) and
+    paired with its push: a tie (0.5) when the labeler sees no difference, else the better side wins; training on
+    the ties flattens the reward along the push."""
+    from modeling_dina.alignment.refresh import RewardRefresh
+
+    pipe, model = build(tiny_sd3_dir)
+    by_prompt = lambda images, prompts: [float(len(p)) for p in prompts]  # noqa: E731  (blind to the image)
+    with pytest.raises(ValueError, match="adversarial"):
+        RewardRefresh(model, by_prompt, PROMPTS, adversarial_steps=-1)
+    sampler = dict(num_inference_steps=2, guidance_scale=1.0, max_sequence_length=16)
+    refresh = RewardRefresh(
+        model,
+        by_prompt,
+        PROMPTS,
+        every=1,
+        num_prompts=2,
+        per_prompt=2,
+        train_steps=0,
+        sample_kwargs=sampler,
+        noise_levels=[0.0],
+        adversarial_steps=2,
+        adversarial_step_size=0.1,
+    )
+    metrics = refresh(pipe, 1)
+    pairs = refresh.buffer
+    assert metrics["refresh/adversarial_ties"] == 1.0 and metrics["refresh/pairs"] == 4  # no pair within a prompt
+    assert torch.equal(pairs["labels"], torch.full((4,), 0.5))
+    step_rms = (pairs["rejected"] - pairs["chosen"]).flatten(1).pow(2).mean(1).sqrt()
+    assert ((step_rms > 0.1) & (step_rms <= 0.2 + 1e-6)).all()  # two steps of RMS 0.1
+
+    def scores(x):
+        embeds, pooled = pairs["prompt_embeds"], pairs["pooled_prompt_embeds"]
+        return model.score_clean(x, embeds, pooled, noise_level=0.0, noise=torch.zeros_like(x)).rewards
+
+    with torch.no_grad():
+        gap = scores(pairs["rejected"]) - scores(pairs["chosen"])
+    assert (gap > 0).all()  # the push climbed the reward
+    refresh.train_steps, refresh.optimizer.param_groups[0]["lr"] = 30, 3e-3
+    refresh.train()
+    with torch.no_grad():
+        assert (scores(pairs["rejected"]) - scores(pairs["chosen"])).abs().mean() < gap.mean() / 2
+    brightness = lambda images, prompts: [float(np.asarray(im).mean()) for im in images]  # noqa: E731
+    refresh.labeler = brightness
+    pairs, metrics = refresh.label_pairs(pipe, pairs["chosen"], [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[2]])
+    adversarial = pairs["labels"][-4:]
+
+    def decoded(x):
+        return torch.tensor(brightness(decode_latents(pipe, x), [""] * len(x)))
+
+    expected = 0.5 + 0.5 * torch.sign(decoded(pairs["chosen"][-4:]) - decoded(pairs["rejected"][-4:]))
+    assert torch.equal(adversarial, expected) and len(pairs["labels"]) == 1 + 4
+    assert torch.equal(pairs["labels"][:1], torch.ones(1)) and metrics["refresh/adversarial_ties"] < 1

@@ -3,6 +3,7 @@ method (checker GRPO, DiNa GRPO, DiNa ReFL with the authors' recipe) on the ship
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -290,3 +291,37 @@ def test_balanced_training_prompts_weigh_both_kinds_equally():
         == kinds.count("relation")
         == max(sum(parse_prompt(p).kind == k for p in train) for k in ("count", "relation"))
     )
+
+
+def test_describe_names_how_far_a_refl_gradient_reaches(tmp_path):
+    folder = tmp_path / "refl-dina-x1"
+    folder.mkdir()
+    (folder / "log.jsonl").write_text('{"step": 1}\n')
+    recipe = AlignmentConfig(method="refl", reward_step=[14, 18], grad_steps=1, pretrain_weight=1.0, ema_decay=0.9)
+    draft = dataclasses.replace(recipe, num_inference_steps=10, reward_step=-1, grad_steps=None, ema_decay=None)
+    described = []
+    for config in (recipe, draft):
+        (folder / "alignment_config.json").write_text(json.dumps(config.to_dict()))
+        described.append(describe(folder))
+    assert described[0] == (
+        "refl, lr 0.0001, 4 prompts, u = 0.4, pretrain weight 1, reward of the x0 prediction of step [14, 18] of 20, "
+        "gradient through the last 1 model evaluation, policy EMA 0.9"
+    )
+    assert described[1].endswith("reward of the final sample, gradient through all 10 sampling steps")
+    layout = dataclasses.replace(draft, policy_grad_steps=4)
+    (folder / "alignment_config.json").write_text(json.dumps(layout.to_dict()))
+    (folder / "log.jsonl").write_text('{"step": 5, "refresh/pairs": 64, "refresh/adversarial_ties": 0.9}\n')
+    assert describe(folder).endswith(
+        "gradient through all 10 sampling steps, the LoRA trained at the first 4 of them only, DiNa-LRM refreshed "
+        "every 5 steps with adversarial ties"
+    )
+
+
+def test_reward_ascent_pushes_the_latent_through_the_rest_of_the_sampler():
+    from modeling_dina.shapes.reward_ascent import ascend
+
+    for from_step in (10, 8):
+        records = ascend(from_step, num_prompts=4, iterations=1, step_size=0.5)
+        assert [r["iteration"] for r in records] == [0, 1]
+        assert all(0 <= r["compliance"] <= 1 and math.isfinite(r["reward"]) for r in records)
+        assert records[1]["reward"] != records[0]["reward"]

@@ -41,6 +41,11 @@ class AlignmentConfig:
             the reward in the ReFL loss.
         grad_steps: ReFL: how many of the last model evaluations before scoring carry gradient (DRaFT-K; 1 = only
             the x0 prediction; None = all).
+        policy_grad_steps: ReFL: only the first this many of the gradient-carrying model evaluations update the
+            LoRA; the later ones pass the reward's gradient back to them with the LoRA held fixed (None: all update
+            it). The first sampling steps decide a layout, and the rest of the chain keeps their change on the image
+            manifold, while a LoRA trained at the last steps climbs a latent reward along directions no image
+            takes (in the Shapes world: reward up, compliance flat).
         reward_step: ReFL: the sampling step (0-based, negative from the end) whose x0 prediction is scored; -1 is
             the final step (the sampler's output). A pair `[lo, hi]` draws it uniformly per step (ReFL).
         kl_weight, kl_type: ReFL's regulariser: `"prediction"` = mean squared difference between the LoRA's and the
@@ -112,6 +117,7 @@ class AlignmentConfig:
     reward_noise_level: float | list[float] = 0.4
     reward_scale: float = 1.0
     grad_steps: int | None = 1
+    policy_grad_steps: int | None = None
     reward_step: int | list[int] = -1
     kl_weight: float = 0.0
     kl_type: str = "prediction"
@@ -162,7 +168,7 @@ class AlignmentConfig:
         for name in ("checkpoint_every", "eval_every", "kl_weight", "clip_range", "pretrain_weight", "dpo_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
-        for name in ("grad_steps", "train_timesteps", "sde_steps", "sde_noise_grid"):
+        for name in ("grad_steps", "policy_grad_steps", "train_timesteps", "sde_steps", "sde_noise_grid"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1 or None (all), got {getattr(self, name)}.")
         if self.method in ("grpo", "raft", "dpo") and self.group_size < 2:

@@ -43,9 +43,12 @@ def refl_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
     Samples from noise with the flow-matching Euler sampler (with CFG) up to step `j = reward_step`, takes the x0
     prediction `x_j - sigma_j * v_j` there (for the last step this is the sampler's output), scores it with the
     reward, and backpropagates `-reward_scale * mean(reward) + kl_weight * KL` into the generator LoRA through the
-    last `grad_steps` model evaluations only (earlier ones run without gradient). The reward's own backward pass
-    (to the scored latents) runs first, separately, so its cost is measured on its own. With `pretrain_weight` the
-    flow-matching loss on real data (`pretrain_loss`) is added, as the authors' ReFL recipe does.
+    last `grad_steps` model evaluations only (earlier ones run without gradient). With `policy_grad_steps = m` only
+    the first m of those evaluations update the LoRA: the later ones carry the reward's gradient back to them (the
+    latents' gradient at the hand-over) with the LoRA held fixed, so the LoRA learns where a layout is decided and the
+    rest of the chain keeps its change on the image manifold. The reward's own backward pass (to the scored latents)
+    runs first, separately, so its cost is measured on its own. With `pretrain_weight` the flow-matching loss on
+    real data (`pretrain_loss`) is added, as the authors' ReFL recipe does.
     """
     config, transformer = ctx.config, ctx.pipe.transformer
     cond = ctx.encode(prompts)
@@ -53,13 +56,17 @@ def refl_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
     sigmas, timesteps = inference_schedule(ctx.pipe, config.num_inference_steps, latents.shape)
     stop = resolve_reward_step(config.reward_step, config.num_inference_steps, ctx.generator)
     first_grad = 0 if config.grad_steps is None else max(0, stop + 1 - config.grad_steps)
+    hand_over = stop + 1 if config.policy_grad_steps is None else first_grad + config.policy_grad_steps
     use_prediction_kl = config.kl_weight > 0 and config.kl_type == "prediction"
 
-    kl_terms = []
+    kl_terms, handed_over, leaf = [], None, None
     for i in range(stop + 1):
+        if i == hand_over:  # from here on the LoRA is held fixed: the graph goes on from a leaf
+            handed_over, latents = latents, latents.detach().requires_grad_(True)
+            leaf = latents
         with torch.set_grad_enabled(i >= first_grad):
             velocity = guided_velocity(transformer, latents, timesteps[i], cond, config.guidance_scale)
-            if use_prediction_kl and i >= first_grad:
+            if use_prediction_kl and first_grad <= i < hand_over:
                 with torch.no_grad(), generator_lora_disabled(transformer):
                     reference = guided_velocity(transformer, latents, timesteps[i], cond, config.guidance_scale)
                 kl_terms.append((velocity.float() - reference.float()).pow(2).mean())
@@ -73,6 +80,9 @@ def refl_step(ctx: StepContext, prompts: list[str], meter: RewardMeter) -> dict[
         reward_loss = -config.reward_scale * rewards.mean()
         (grad,) = torch.autograd.grad(reward_loss, scored)
 
+    if handed_over is not None:  # back through the fixed-LoRA steps to the hand-over latents only, not to the LoRA
+        (grad,) = torch.autograd.grad(latents, leaf, grad)
+        latents = handed_over
     kl = torch.zeros((), device=latents.device)
     if config.kl_weight > 0:
         kl = torch.stack(kl_terms).mean() if use_prediction_kl else lora_weight_penalty(transformer)

@@ -6,6 +6,13 @@ VLM judge, people), pairs them within each prompt and fine-tunes the DiNa reward
 the noise-calibrated Thurstone loss of its own training (SPEC §2), so the reward learns what the policy now produces.
 With `scored`, it labels the samples the alignment method itself scored since the last refresh (GRPO's groups: many
 more on-policy pairs per refresh, and no extra sampling) instead of sampling the policy.
+
+Pairs within a prompt teach the reward only where the labeler sees a difference. A reward-gradient method (ReFL)
+climbs the reward along directions the labeler does not see at all (in the Shapes world a few steps of gradient
+ascent on a sample's latent raise DiNa-LRM's reward by several units and leave the checker's verdict unchanged), and
+such pairs never say that this is wrong. With `adversarial_steps`, each labelled sample is also pushed up the current
+reward's gradient and labelled again; the pair (sample, pushed sample) is a tie when the labeler sees no difference
+(soft label 0.5: the reward learns to stay flat along its own adversarial directions), else the better one wins.
 """
 
 from __future__ import annotations
@@ -40,6 +47,9 @@ class RewardRefresh:
             (it samples only when there are none, e.g. ReFL's differentiable calls pass no prompts).
         noise_levels: the levels a refresh trains at, one drawn per pair: None = uniform on [0, 1] (the reward's own
             training); the level(s) the alignment scores at spend every update on the comparisons it reads.
+        adversarial_steps, adversarial_step_size: 0, or how many normalised gradient-ascent steps on the current
+            reward make each labelled sample's adversarial partner, and their size (per-element root mean square
+            of the step, in latent units).
     """
 
     def __init__(
@@ -59,6 +69,8 @@ class RewardRefresh:
         seed: int = 0,
         scored: DiNaLatentReward | None = None,
         noise_levels: Sequence[float] | None = None,
+        adversarial_steps: int = 0,
+        adversarial_step_size: float = 0.02,
     ):
         if every < 1 or per_prompt < 2 or num_prompts < 1 or train_steps < 0 or batch_size < 1 or buffer_size < 1:
             raise ValueError(
@@ -70,6 +82,9 @@ class RewardRefresh:
         self.sample_kwargs = dict(sample_kwargs or {})
         if noise_levels is not None and (not noise_levels or any(not 0 <= u <= 1 for u in noise_levels)):
             raise ValueError(f"`noise_levels` must be a non-empty list of levels in [0, 1], got {noise_levels}.")
+        if adversarial_steps < 0 or adversarial_step_size <= 0:
+            raise ValueError("`adversarial_steps` must be >= 0 and `adversarial_step_size` > 0.")
+        self.adversarial_steps, self.adversarial_step_size = adversarial_steps, adversarial_step_size
         self.noise_levels = None if noise_levels is None else torch.tensor(noise_levels, dtype=torch.float32)
         self.params = [
             p for n, p in model.named_parameters() if f".{ADAPTER_NAME}." in n or n.startswith("reward_head.")
@@ -93,7 +108,7 @@ class RewardRefresh:
             self.scored.scored.clear()
         else:
             latents, prompts = self.sample(pipe)
-        pairs = self.label_pairs(pipe, latents, prompts)
+        pairs, metrics = self.label_pairs(pipe, latents, prompts)
         if self.buffer:
             pairs = {k: torch.cat([self.buffer[k], v]) for k, v in pairs.items()}
         self.buffer = {k: v[-self.buffer_size :] for k, v in pairs.items()}
@@ -102,6 +117,7 @@ class RewardRefresh:
             "refresh/from_scored": float(from_scored),
             "refresh/fixed_levels": float(self.noise_levels is not None),
             "refresh/pairs": float(len(self.buffer["chosen"])),
+            **metrics,
             "refresh/loss": self.train() if self.train_steps else float("nan"),
         }
 
@@ -116,8 +132,10 @@ class RewardRefresh:
         return latents, prompts
 
     @torch.no_grad()
-    def label_pairs(self, pipe, latents: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Label the samples and pair every two of one prompt whose labels differ (the higher one chosen)."""
+    def label_pairs(self, pipe, latents: torch.Tensor, prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+        """Label the samples and pair every two of one prompt whose labels differ (the higher one chosen, label 1);
+        with `adversarial_steps`, also each sample against its adversarial partner (`adversarial_pairs`). Returns
+        the pairs (`chosen`, `rejected`, their prompt encodings and soft `labels`) and metrics to log."""
         labels = torch.as_tensor(self.labeler(decode_latents(pipe, latents), prompts), dtype=torch.float32)
         cond = encode_prompts(pipe, prompts, guidance_scale=1.0, **self._encode_kwargs())
         by_prompt: dict[str, list[int]] = {}
@@ -131,12 +149,45 @@ class RewardRefresh:
                         chosen.append(i)
                         rejected.append(j)
         chosen, rejected = torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
-        return {
+        pairs = {
             "chosen": latents[chosen].cpu(),
             "rejected": latents[rejected].cpu(),
             "prompt_embeds": cond.prompt_embeds[chosen].cpu(),
             "pooled_prompt_embeds": cond.pooled_prompt_embeds[chosen].cpu(),
+            "labels": torch.ones(len(chosen)),
         }
+        if not self.adversarial_steps:
+            return pairs, {}
+        pushed = self.ascend(latents, cond)
+        pushed_labels = torch.as_tensor(self.labeler(decode_latents(pipe, pushed), prompts), dtype=torch.float32)
+        adversarial = {
+            "chosen": latents.cpu(),
+            "rejected": pushed.cpu(),
+            "prompt_embeds": cond.prompt_embeds.cpu(),
+            "pooled_prompt_embeds": cond.pooled_prompt_embeds.cpu(),
+            "labels": 0.5 + 0.5 * torch.sign(labels - pushed_labels),  # 1: the push made it worse, 0.5: unseen
+        }
+        metrics = {"refresh/adversarial_ties": (adversarial["labels"] == 0.5).float().mean().item()}
+        return {k: torch.cat([pairs[k], adversarial[k]]) for k in pairs}, metrics
+
+    def ascend(self, latents: torch.Tensor, cond) -> torch.Tensor:
+        """`adversarial_steps` steps up the current reward's gradient from `latents`, each normalised to a
+        per-element root mean square of `adversarial_step_size` (a fresh noise level and draw per step)."""
+        pushed = latents.detach().float()
+        for _ in range(self.adversarial_steps):
+            pushed.requires_grad_(True)
+            with torch.enable_grad():
+                rewards = self.model.score_clean(
+                    pushed.to(latents.dtype),
+                    cond.prompt_embeds,
+                    cond.pooled_prompt_embeds,
+                    noise_level=self.draw_levels(len(pushed)).to(latents.device),
+                    noise=torch.randn(pushed.shape, generator=self.generator).to(latents.device),
+                ).rewards
+                (grad,) = torch.autograd.grad(rewards.sum(), pushed)
+            rms = grad.flatten(1).pow(2).mean(dim=1).sqrt().clamp_min(1e-12).view(-1, *[1] * (grad.ndim - 1))
+            pushed = (pushed + self.adversarial_step_size * grad / rms).detach()
+        return pushed.to(latents.dtype)
 
     def _encode_kwargs(self) -> dict:
         length = self.sample_kwargs.get("max_sequence_length", self.model.config.max_sequence_length)
@@ -167,7 +218,7 @@ class RewardRefresh:
                     noise=noise.repeat(2, 1, 1, 1),
                 )
                 rewards, sigma = out.rewards.view(2, -1), out.sigmas[: len(index)]
-                loss = thurstone_loss(rewards[0], rewards[1], sigma.to(rewards.device))
+                loss = thurstone_loss(rewards[0], rewards[1], sigma.to(rewards.device), labels=batch.get("labels"))
                 loss.backward()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)

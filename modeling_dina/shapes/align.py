@@ -164,6 +164,7 @@ def run_shapes_alignment(
     refresh_train_steps: int = 20,
     refresh_learning_rate: float = 1e-4,
     refresh_at_scoring_level: bool = False,
+    refresh_adversarial_steps: int = 0,
     balanced_prompts: bool = False,
     **overrides,
 ) -> list[dict]:
@@ -173,7 +174,9 @@ def run_shapes_alignment(
     `refresh_every` > 0 refreshes the DiNa reward on checker-labelled samples of the current policy (train-split
     prompts) every that many steps (`RewardRefresh`: `refresh_train_steps` updates at `refresh_learning_rate`): the
     method's own scored samples with `refresh_scored` (GRPO's groups), else 16 prompts x 4 fresh samples;
-    `refresh_at_scoring_level`: the refresh trains at the noise level(s) the reward scores at, not uniform ones.
+    `refresh_at_scoring_level`: the refresh trains at the noise level(s) the reward scores at, not uniform ones;
+    `refresh_adversarial_steps`: each labelled sample is also paired with itself pushed that many steps up the
+    reward's gradient (`RewardRefresh(adversarial_steps=...)`: a tie where the checker sees no difference).
     `balanced_prompts`: batches draw count and relation prompts equally often, as the held-out evaluation does (the
     train split holds 7x more relation prompts). With `early_stopping_metric="validation_compliance"` the evaluations
     add the checker's compliance on validation-split prompts and the LoRA kept is the best by it. Logs (`log.jsonl`,
@@ -214,6 +217,7 @@ def run_shapes_alignment(
             seed=config.seed,
             scored=reward_fn if refresh_scored else None,
             noise_levels=reward_fn.noise_levels if refresh_at_scoring_level else None,
+            adversarial_steps=refresh_adversarial_steps,
         )
     return align(
         pipe,
@@ -265,6 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--refresh-at-scoring-level", action="store_true", help="refresh at the reward's scoring noise level(s)"
     )
+    parser.add_argument(
+        "--refresh-adversarial-steps",
+        type=int,
+        default=0,
+        help="pair each labelled sample with itself pushed N steps up the reward's gradient (a tie if unseen)",
+    )
     parser.add_argument("--balanced-prompts", action="store_true", help="draw count and relation prompts equally often")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="AlignmentConfig fields (JSON)")
     args = parser.parse_args(argv)
@@ -280,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         refresh_train_steps=args.refresh_train_steps,
         refresh_learning_rate=args.refresh_learning_rate,
         refresh_at_scoring_level=args.refresh_at_scoring_level,
+        refresh_adversarial_steps=args.refresh_adversarial_steps,
         balanced_prompts=args.balanced_prompts,
         **parse_overrides(args.set),
     )

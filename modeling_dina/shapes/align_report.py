@@ -110,6 +110,12 @@ HEADLINE_RUNS: dict[str, tuple[str, dict, str]] = {
         "as grpo-dina-level with the SDE exploring (and trained) on the first 4 of 10 steps (sigma 1 to 0.86) "
         "instead of 2",
     ),
+    "grpo-dina-adv": (
+        "dina",
+        {**ONLINE, **LEVEL_REFRESH, "sde_steps": 4, "refresh_adversarial_steps": 5},
+        "as grpo-dina-level-sde4, each refresh also pairing every labelled sample with itself pushed 5 steps up "
+        "DiNa-LRM's gradient (a tie where the checker sees no difference)",
+    ),
     "dpo-checker": (
         "checker",
         {**RANKED, "method": "dpo", "steps": 150, "group_size": 4, "inner_epochs": 2, "learning_rate": 1e-3},
@@ -170,16 +176,32 @@ def describe(folder: str | Path) -> str:
         parts += ["guided velocity fitted"] if c.get("fit_guided") else []
         parts += [f"pretrain weight {c['pretrain_weight']:g}"] if c.get("pretrain_weight") else []
     else:
-        parts += [f"u = {c['reward_noise_level']}", f"pretrain weight {c['pretrain_weight']:g}"]
+        parts += [f"u = {c['reward_noise_level']}", f"pretrain weight {c['pretrain_weight']:g}", refl_reach(c)]
+        parts += [f"policy EMA {c['ema_decay']:g}"] if c.get("ema_decay") is not None else []
     log = Path(folder, "log.jsonl")
     refreshed = [r for r in map(json.loads, log.read_text().splitlines()) if "refresh/pairs" in r]
     if refreshed:
         source = " on its scored samples" if refreshed[0].get("refresh/from_scored") else ""
         source += " at the scoring noise level" if refreshed[0].get("refresh/fixed_levels") else ""
+        source += " with adversarial ties" if "refresh/adversarial_ties" in refreshed[0] else ""
         parts.append(f"DiNa-LRM refreshed every {refreshed[0]['step']} steps{source}")
     if c.get("early_stopping_metric"):
         parts.append(f"LoRA kept: the best {c['early_stopping_metric'].replace('_', ' ')}")
     return ", ".join(parts)
+
+
+def refl_reach(c: dict) -> str:
+    """What a ReFL run scores and how far back its reward gradient reaches, from its config."""
+    n, step, grad = c["num_inference_steps"], c["reward_step"], c["grad_steps"]
+    scored = "the final sample" if step in (-1, n - 1) else f"the x0 prediction of step {step} of {n}"
+    reach = (
+        f"gradient through all {n} sampling steps"
+        if grad is None
+        else f"gradient through the last {grad} model evaluation{'s' if grad > 1 else ''}"
+    )
+    if c.get("policy_grad_steps") is not None:
+        reach += f", the LoRA trained at the first {c['policy_grad_steps']} of them only"
+    return f"reward of {scored}, {reach}"
 
 
 def run_headline(runs_dir: str | Path, names=None, seeds=SEEDS) -> None:
